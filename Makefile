@@ -1,0 +1,74 @@
+# Niche — the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STATE := $(CURDIR)/.niche
+PORT ?= 4200
+HOST := 127.0.0.1
+SAMPLES ?= 60
+
+# A local, quiet, offline Prefect: its database and logs live in .niche/.
+export PREFECT_HOME := $(STATE)/prefect
+export PREFECT_API_URL := http://$(HOST):$(PORT)/api
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PREFECT_LOGGING_EXTRA_LOGGERS := dvc,niche
+export DVC_NO_ANALYTICS := 1
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test venv sample server serve stop deploy-run status lock clean-demo
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.lock constraints.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 needed, got " + sys.version' 
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The main job: sample data -> build-dataset flow through a local Prefect
+# server, DVC recording every stage. Leaves the server up for the UI.
+demo: venv
+	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples
+	@$(MAKE) --no-print-directory server
+	@$(BIN)/python -m flows.build_dataset --report
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+sample: venv
+	$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples
+
+# Prefect server on 127.0.0.1 (UI at http://127.0.0.1:$(PORT)), in the background.
+server: venv
+	@$(BIN)/python -m flows.local server --host $(HOST) --port $(PORT)
+
+# The process that executes deployments (build-dataset/local, ...), in the background.
+serve: server
+	@$(BIN)/python -m flows.local serve
+
+# Run a deployment the way a user would, and wait for it.
+deploy-run: serve
+	$(BIN)/prefect deployment run build-dataset/local --watch
+
+status:
+	@$(BIN)/python -m flows.local status
+
+# Stop the deployment runner first (SIGINT), then the server.
+stop:
+	@$(BIN)/python -m flows.local stop
+
+# Re-resolve the lock from pyproject.toml's ranges (needs the registry).
+lock:
+	rm -rf /tmp/niche-lock && $(PYTHON) -m venv /tmp/niche-lock
+	/tmp/niche-lock/bin/pip install -q -c constraints.txt torch==2.13.0
+	/tmp/niche-lock/bin/pip install -q -c constraints.txt -e '.[test]'
+	{ echo "# Exact versions resolved and tested together on Python 3.11 (pip freeze)."; \
+	  echo "# torch is installed first from constraints.txt; see README for CUDA."; \
+	  echo "# Regenerate: make lock"; \
+	  /tmp/niche-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|niche)=='; } > requirements.lock
+
+clean-demo: stop
+	rm -rf data/derived data/manifest metrics dvc.lock

@@ -1,0 +1,139 @@
+"""Stage `bucket`: each sample resized to cover its nearest aspect bucket and
+centre-cropped, stored as lossless uint8 RGB PNG in the per-sample store.
+
+The key holds the content id, the chosen bucket and the filter, not the whole
+bucket list: adding a bucket recomputes only the images that move to it.
+
+    python -m tasks.bucket            # reads params.yaml:bucket
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from tasks import manifest
+from tasks.images import decode
+from tasks.params import load_section
+from tasks.stage import ItemError, Report, run_items, setup_logging
+from tasks.store import Store, item_key
+
+log = logging.getLogger("niche.bucket")
+
+VERSION = 1  # bump when the pixels written for the same key would change
+STORE = Path("data/derived/bucket")
+# Level 1 is ~5x faster than 6 and the files are only a little larger; the
+# level does not change pixels, so it is not part of the key.
+PNG_LEVEL = 1
+
+FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+DEFAULT_BUCKETS = ((1024, 1024), (1216, 832), (832, 1216), (1280, 768),
+                   (768, 1280), (1344, 704), (704, 1344))
+
+
+@dataclass(frozen=True)
+class BucketParams:
+    buckets: tuple[tuple[int, int], ...] = DEFAULT_BUCKETS  # (width, height)
+    resample: Literal["lanczos", "bicubic", "bilinear", "hamming", "box", "nearest"] = "lanczos"
+
+    def validate(self) -> None:
+        if not self.buckets:
+            raise ValueError("bucket.buckets: expected at least one [width, height]")
+        for i, (w, h) in enumerate(self.buckets):
+            if w <= 0 or h <= 0 or w % 16 or h % 16:
+                # Every later stage patches at 16 px (DINOv3/16, the DiT's patch).
+                raise ValueError(f"bucket.buckets[{i}]: expected positive multiples of 16, got {w}x{h}")
+        if len(set(self.buckets)) != len(self.buckets):
+            raise ValueError("bucket.buckets: duplicate entries")
+
+
+def nearest_bucket(width: int, height: int, buckets) -> tuple[int, int]:
+    """The bucket closest in log aspect ratio (so 2:1 and 1:2 are equally far from 1:1)."""
+    ar = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ar))
+
+
+def cover_crop(width: int, height: int, bw: int, bh: int) -> tuple[float, float, float]:
+    """(scale, left, top): scale to cover the bucket, crop the centre.
+
+    Returned as the source-space crop origin so any source point maps to the
+    bucket as (x - left) * scale — later stages and tests map keypoints with it.
+    """
+    scale = max(bw / width, bh / height)
+    return scale, (width - bw / scale) / 2.0, (height - bh / scale) / 2.0
+
+
+def render(image: Image.Image, bw: int, bh: int, resample: str) -> Image.Image:
+    scale, left, top = cover_crop(image.width, image.height, bw, bh)
+    box = (left, top, left + bw / scale, top + bh / scale)
+    # Resampling straight from the crop box (not resize-then-crop) keeps the
+    # filter's support at the crop edges and avoids a second rounding.
+    return image.resize((bw, bh), FILTERS[resample], box=box)
+
+
+def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
+           store_dir: Path = STORE, workers: int | None = None) -> Report:
+    samples = manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()
+    store = Store(store_dir, ".png")
+    by_id, rows, work = {}, [], []
+    for s in samples:
+        bw, bh = nearest_bucket(s["width"], s["height"], p.buckets)
+        scale, left, top = cover_crop(s["width"], s["height"], bw, bh)
+        key = item_key("bucket", VERSION, [s["id"]], {"size": [bw, bh], "resample": p.resample})
+        by_id[s["id"]] = (s, bw, bh)
+        work.append((s["id"], key))
+        rows.append(dict(id=s["id"], split=s["split"], bucket=f"{bw}x{bh}", width=bw, height=bh,
+                         scale=scale, left=left, top=top, key=key, file=store.relpath(key), error=None))
+
+    def compute(item_id: str, key: str) -> None:
+        s, bw, bh = by_id[item_id]
+        data = Path(s["path"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != item_id:
+            raise ItemError(f"{s['path']} changed since ingest (sha256 differs); run ingest again")
+        # Ingest checked these very bytes against its pixel limit.
+        img = decode(data, max_pixels=s["width"] * s["height"]).image
+        out = render(img, bw, bh, p.resample)
+        store.write(key, lambda t: out.save(t, format="PNG", compress_level=PNG_LEVEL))
+
+    report = run_items("bucket", work, store, compute, workers)
+    for r in rows:
+        if r["id"] in report.failures:
+            r.update(key=None, file=None, error=report.failures[r["id"]])
+    manifest.write_table(rows, manifest.BUCKET, out_dir / "bucket.parquet", sort_by="id")
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["error"] is None:
+            counts[r["bucket"]] = counts.get(r["bucket"], 0) + 1
+    report.extra = {"per_bucket": dict(sorted(counts.items()))}
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    setup_logging()
+    p = load_section(BucketParams, "bucket", args.params)
+    report = bucket(p, workers=args.workers)
+    report.write()
+    log.info("%s; %s", report.summary(), json.dumps(report.extra))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""What every stage shares: logging, the per-item loop and its report.
+
+A stage hands `run_items` its work as (item id, key) pairs and a function that
+computes one missing key. The loop skips keys already in the store, turns a
+failing item into a listed failure instead of a crash, shows a progress bar on a
+terminal, and returns the counts the stage writes as its DVC metrics.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm import tqdm
+
+from tasks.store import Store, atomic_write_json
+
+log = logging.getLogger("niche")
+
+METRICS_DIR = Path("metrics")
+# Set by the Prefect flow so a stage run by DVC in a subprocess can still get
+# its log lines to the flow's task run (a subprocess's stdout never reaches it).
+LOG_FILE_ENV = "NICHE_LOG_FILE"
+
+
+class ItemError(Exception):
+    """One input cannot be used; the message says why. The run goes on."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(getattr(h, "_niche", False) for h in root.handlers):
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+        if os.environ.get(LOG_FILE_ENV):
+            handlers.append(logging.FileHandler(os.environ[LOG_FILE_ENV], encoding="utf-8"))
+        for h in handlers:
+            h.setFormatter(fmt)
+            h._niche = True  # type: ignore[attr-defined]
+            root.addHandler(h)
+
+
+def default_workers() -> int:
+    return int(os.environ.get("NICHE_WORKERS", 0)) or (os.cpu_count() or 1)
+
+
+@dataclass
+class Report:
+    """Counts of one stage run; written to metrics/<stage>.json for DVC."""
+
+    stage: str
+    total: int = 0
+    computed: int = 0
+    reused: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)  # item id -> reason
+    extra: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        return {
+            "total": self.total,
+            "computed": self.computed,
+            "reused": self.reused,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "computed_per_second": round(rate, 2),
+            **self.extra,
+        }
+
+    def write(self, metrics_dir: Path = METRICS_DIR) -> Path:
+        path = metrics_dir / f"{self.stage}.json"
+        atomic_write_json(path, self.metrics())
+        return path
+
+    def summary(self) -> str:
+        return (f"{self.stage}: {self.total} items — {self.computed} computed, "
+                f"{self.reused} reused, {self.failed} failed in {self.seconds:.1f}s")
+
+
+def run_items(
+    stage: str,
+    work: Iterable[tuple[str, str]],
+    store: Store,
+    compute: Callable[[str, str], None],
+    workers: int | None = None,
+) -> Report:
+    """Compute every missing key of `work` ((item id, key) pairs) into `store`.
+
+    `compute(item_id, key)` writes the item (through `store.write`) or raises
+    ItemError. Any other exception is also caught per item and reported with its
+    type, because one odd file must not cost a day of work on the others; a run
+    in which every computed item failed still raises, since that is a bug or a
+    broken environment rather than bad input.
+    """
+    t0 = time.perf_counter()
+    work = list(work)
+    report = Report(stage=stage, total=len(work))
+    stale = store.remove_stale_temps()
+    if stale:
+        log.info("%s: removed %d temporary files left by an interrupted run", stage, stale)
+    todo = []
+    for item_id, key in work:
+        if store.has(key):
+            report.reused += 1
+        else:
+            todo.append((item_id, key))
+
+    def one(pair: tuple[str, str]) -> tuple[str, str | None]:
+        item_id, key = pair
+        try:
+            compute(item_id, key)
+            return item_id, None
+        except ItemError as e:
+            return item_id, str(e)
+        except Exception as e:  # noqa: BLE001 — reported per item, see docstring
+            return item_id, f"{type(e).__name__}: {e}"
+
+    n = workers or default_workers()
+    bar = tqdm(total=len(todo), desc=stage, unit="item", disable=None, leave=False)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        for item_id, err in pool.map(one, todo):
+            if err is None:
+                report.computed += 1
+            else:
+                report.failed += 1
+                report.failures[item_id] = err
+                log.warning("%s: %s failed: %s", stage, item_id, err)
+            bar.update(1)
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    if len(todo) > 1 and report.failed == len(todo):
+        raise RuntimeError(f"{stage}: all {len(todo)} items failed; first: "
+                           f"{next(iter(report.failures.values()))}")
+    return report

@@ -1,0 +1,72 @@
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from tasks.bucket import BucketParams
+from tasks.ingest import IngestParams
+from tasks.params import ParamsError, from_dict, load_section
+
+ROOT_PARAMS = __import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repo_params_load_into_frozen_dataclasses():
+    ing = load_section(IngestParams, "ingest", ROOT_PARAMS)
+    b = load_section(BucketParams, "bucket", ROOT_PARAMS)
+    assert ing.holdout_count == 25 and ing.sources == ("data/raw",)
+    assert b.buckets[0] == (1024, 1024) and len(b.buckets) == 7
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.resample = "nearest"  # type: ignore[misc]
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ParamsError, match=r"ingest\.holdout_cnt"):
+        from_dict(IngestParams, {"holdout_cnt": 3}, "ingest")
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"holdout_count": "25"}, "ingest.holdout_count"),
+    ({"holdout_count": True}, "ingest.holdout_count"),  # YAML true is not a count
+    ({"sources": "data/raw"}, "ingest.sources"),
+    ({"max_pixels": 1.5}, "ingest.max_pixels"),
+])
+def test_wrong_types_are_refused_with_the_key(raw, key):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        from_dict(IngestParams, raw, "ingest")
+
+
+def test_nested_list_errors_point_at_the_item():
+    with pytest.raises(ParamsError, match=r"bucket\.buckets\[1\]\[0\]"):
+        from_dict(BucketParams, {"buckets": [[1024, 1024], ["wide", 768]]}, "bucket")
+    with pytest.raises(ParamsError, match="expected 2 items"):
+        from_dict(BucketParams, {"buckets": [[1024, 1024, 3]]}, "bucket")
+
+
+def test_literal_lists_the_choices():
+    with pytest.raises(ParamsError, match="'lanczos'"):
+        from_dict(BucketParams, {"resample": "sinc"}, "bucket")
+
+
+def test_validate_checks_values():
+    with pytest.raises(ValueError, match=r"bucket\.buckets\[0\].*multiples of 16"):
+        from_dict(BucketParams, {"buckets": [[1000, 1000]]}, "bucket")
+    with pytest.raises(ValueError, match="holdout_max_fraction"):
+        from_dict(IngestParams, {"holdout_max_fraction": 1.5}, "ingest")
+
+
+def test_int_is_accepted_for_float_and_missing_section_is_named(tmp_path):
+    assert from_dict(IngestParams, {"holdout_max_fraction": 0}, "ingest").holdout_max_fraction == 0.0
+    f = tmp_path / "params.yaml"
+    f.write_text("ingest: {}\n")
+    with pytest.raises(ParamsError, match="no section 'bucket'"):
+        load_section(BucketParams, "bucket", f)
+
+
+def test_missing_required_key():
+    @dataclasses.dataclass(frozen=True)
+    class P:
+        model: str
+        mode: Literal["a", "b"] = "a"
+
+    with pytest.raises(ParamsError, match=r"x\.model: missing"):
+        from_dict(P, {}, "x")
