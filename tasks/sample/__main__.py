@@ -1,0 +1,48 @@
+"""Make the sample dataset (generated, or shipped with scikit-image; never downloaded).
+
+    python -m tasks.sample --out data/raw --figures 60 --photos --bad-examples
+
+Writes figures/ (particle figures + captions + true keypoints), photos/ (real
+photographs in awkward modes) and problems/ (files ingest must refuse).
+Deterministic: the same arguments give the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks.sample.particles import write_particle_dataset
+from tasks.sample.photos import write_photos, write_problems
+
+
+def make_sample(out: Path, figures: int, seed: int = 0, photos: bool = True,
+                bad_examples: bool = True, start: int = 0) -> dict[str, str]:
+    """Returns the problem files with the quarantine reason each must get."""
+    paths = write_particle_dataset(out / "figures", figures, seed=seed, start=start)
+    if photos:
+        write_photos(out / "photos")
+    expected: dict[str, str] = {}
+    if bad_examples:
+        good = paths[0] if paths else write_photos(out / "photos")[0]
+        expected = write_problems(out / "problems", good)
+    return expected
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("data/raw"))
+    ap.add_argument("--figures", type=int, default=60, help="number of particle figures")
+    ap.add_argument("--start", type=int, default=0, help="index of the first figure (to add more)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--photos", action="store_true", help="add scikit-image's photographs")
+    ap.add_argument("--bad-examples", action="store_true", help="add files ingest must refuse")
+    args = ap.parse_args(argv)
+    expected = make_sample(args.out, args.figures, args.seed, args.photos, args.bad_examples, args.start)
+    n = sum(1 for p in args.out.rglob("*") if p.is_file() or p.is_symlink())
+    print(f"sample data: {n} files under {args.out}/ "
+          f"({args.figures} figures{', photos' if args.photos else ''}"
+          f"{f', {len(expected)} problem files' if expected else ''})")
+
+
+if __name__ == "__main__":
+    main()

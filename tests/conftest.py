@@ -1,0 +1,133 @@
+"""Shared fixtures: real temporary DVC repos and one real Prefect server per session.
+
+Prefect reads its settings from the environment when first imported, so the
+quiet, offline, throw-away settings are set here, before any test imports it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_HOME = Path(tempfile.mkdtemp(prefix="niche-prefect-"))
+_PORT = _free_port()
+os.environ.update({
+    "PREFECT_HOME": str(_HOME),
+    "PREFECT_API_URL": f"http://127.0.0.1:{_PORT}/api",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "dvc",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_AUTHOR_NAME": "Niche Tests", "GIT_AUTHOR_EMAIL": "tests@niche.invalid",
+    "GIT_COMMITTER_NAME": "Niche Tests", "GIT_COMMITTER_EMAIL": "tests@niche.invalid",
+    # Stages run by DVC as `python -m tasks.x` must find this interpreter.
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+})
+
+# What a repo needs for its pipeline: the stage code and the DVC definitions.
+REPO_FILES = ["tasks", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def make_repo(path: Path, figures: int = 6, photos: bool = True, bad: bool = True) -> tuple[Path, dict]:
+    """A git + DVC repo holding this project's pipeline and a sample dataset."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in REPO_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, path / name)
+    run(["git", "init", "-q"], path)
+    run([str(BIN / "dvc"), "init", "-q"], path)
+    run([str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(path / ".dvc" / "site")], path)
+    from tasks.sample.__main__ import make_sample
+
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        expected = make_sample(Path("data/raw"), figures, seed=0, photos=photos, bad_examples=bad)
+    finally:
+        os.chdir(cwd)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "pipeline"], path)
+    return path, expected
+
+
+@pytest.fixture
+def chdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def sample_repo(tmp_path_factory):
+    """A repo with sample data, created once; copy it before changing it."""
+    return make_repo(tmp_path_factory.mktemp("sample") / "repo")
+
+
+@pytest.fixture
+def repo(sample_repo, tmp_path):
+    src, expected = sample_repo
+    dst = tmp_path / "repo"
+    shutil.copytree(src, dst, symlinks=True)
+    run([str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(dst / ".dvc" / "site")], dst)
+    # Problem paths are relative to the repo root, so they hold for the copy.
+    return dst, expected
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.read().strip() == b"true"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real `prefect server start` on 127.0.0.1, shared by the session."""
+    url = os.environ["PREFECT_API_URL"]
+    log = open(_HOME / "server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(_PORT)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() - t0 > 180:
+            proc.kill()
+            raise RuntimeError("Prefect server did not start:\n" +
+                               (_HOME / "server.log").read_text(errors="replace")[-3000:])
+        time.sleep(0.5)
+    yield url
+    proc.send_signal(2)  # SIGINT: the server's own clean shutdown
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(_HOME, ignore_errors=True)
