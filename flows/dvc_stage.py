@@ -1,0 +1,90 @@
+"""Run one DVC stage from a Prefect task, with DVC deciding whether it is stale.
+
+DVC runs the stage's own command, exactly as `dvc repro` would, so dvc.lock
+ends up identical either way and there is one record of freshness. The stage
+runs in a subprocess whose output never reaches Prefect, so it is told (by an
+environment variable) to also log to a file, which is followed here and
+re-logged on the task run, live.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from contextlib import chdir, contextmanager
+from pathlib import Path
+
+from dvc.repo import Repo
+
+from tasks.stage import LOG_FILE_ENV
+
+
+@contextmanager
+def _follow(path: Path, logger: logging.LoggerAdapter | logging.Logger):
+    """Forward lines appended to `path` to `logger` until the block exits."""
+    stop = threading.Event()
+
+    def pump() -> None:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    _relog(logger, line.rstrip("\n"))
+                elif stop.is_set():
+                    return
+                else:
+                    stop.wait(0.2)
+
+    t = threading.Thread(target=pump, name="stage-log", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=10)
+
+
+def _relog(logger, line: str) -> None:
+    level = logging.INFO
+    for name in ("ERROR", "WARNING", "CRITICAL"):
+        if f" {name} " in line[:40]:
+            level = getattr(logging, name)
+            break
+    logger.log(level, line)
+
+
+def reproduce(stage: str, root: Path, logger) -> bool:
+    """Reproduce `stage` alone if DVC says it is stale. True when it ran."""
+    root = root.resolve()
+    # A deployment's process may not have the venv on PATH; the stage's
+    # `python -m tasks.x` must run with this very interpreter.
+    env_path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)
+    if not env_path.startswith(bindir + os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + env_path
+    with tempfile.TemporaryDirectory(prefix=f"niche-{stage}-") as tmp:
+        log_file = Path(tmp) / "stage.log"
+        log_file.touch()
+        os.environ[LOG_FILE_ENV] = str(log_file)
+        try:
+            # DVC resolves some paths against the working directory, not the
+            # repo it was given (the run-cache hashes `data/raw` from cwd).
+            with _follow(log_file, logger), chdir(root), Repo(str(root)) as repo:
+                ran = repo.reproduce(stage, single_item=True)
+        finally:
+            os.environ.pop(LOG_FILE_ENV, None)
+    return bool(ran)
+
+
+def stage_metrics(stage: str, root: Path) -> dict:
+    path = root / "metrics" / f"{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def status(root: Path) -> dict:
+    """`dvc status` as a dict; empty when everything is up to date."""
+    with chdir(root), Repo(str(root.resolve())) as repo:
+        return repo.status()

@@ -1,0 +1,146 @@
+"""Start, check and stop the local Prefect server and the deployment runner.
+
+    python -m flows.local server [--host 127.0.0.1 --port 4200]
+    python -m flows.local serve      # runs flows.serve in the background
+    python -m flows.local status
+    python -m flows.local stop       # runner first (SIGINT), then the server
+
+Both run in the background with their pid and log in .niche/; the Makefile
+targets `server`, `serve`, `status` and `stop` call this.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STATE = Path(".niche")
+
+
+def _api() -> str:
+    return os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").rstrip("/")
+
+
+def _get(path: str, timeout: float = 2.0):
+    try:
+        with urllib.request.urlopen(_api() + path, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _alive(name: str) -> int | None:
+    """The pid recorded for `name` if that process still runs and is ours."""
+    pidfile = STATE / f"{name}.pid"
+    try:
+        pid = int(pidfile.read_text())
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    # Right after the fork the child still shows our own command line (flows.local).
+    return pid if (b"prefect" in cmd or b"flows." in cmd) else None
+
+
+def _spawn(name: str, argv: list[str]) -> int:
+    STATE.mkdir(exist_ok=True)
+    log = open(STATE / f"{name}.log", "ab")
+    # A session of its own: it outlives `make`, and stop signals the group.
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    (STATE / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait(what: str, ok, timeout: float, name: str) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if ok():
+            return
+        if not _alive(name):
+            tail = (STATE / f"{name}.log").read_text(errors="replace")[-2000:]
+            sys.exit(f"{name} exited before {what}; its log ({STATE / (name + '.log')}) ends:\n{tail}")
+        time.sleep(0.5)
+    sys.exit(f"{what}: not ready after {timeout:.0f}s; see {STATE / (name + '.log')}")
+
+
+def server(host: str, port: int) -> None:
+    os.environ["PREFECT_API_URL"] = f"http://{host}:{port}/api"
+    if _get("/health") is True:
+        print(f"Prefect server already running: UI http://{host}:{port}")
+        return
+    prefect = str(Path(sys.executable).parent / "prefect")
+    t0 = time.monotonic()
+    _spawn("server", [prefect, "server", "start", "--host", host, "--port", str(port)])
+    _wait("the Prefect server answers /api/health", lambda: _get("/health") is True, 180, "server")
+    print(f"Prefect server up in {time.monotonic() - t0:.1f}s: UI http://{host}:{port} "
+          f"(log {STATE / 'server.log'})")
+
+
+def serve() -> None:
+    if _alive("serve"):
+        print("deployment runner already running (flows.serve)")
+        return
+
+    def ready() -> bool:
+        d = _get("/deployments/name/build-dataset/local")
+        return isinstance(d, dict) and d.get("paused") is False and d.get("status") == "READY"
+
+    _spawn("serve", [sys.executable, "-m", "flows.serve"])
+    _wait("deployment build-dataset/local is ready", ready, 120, "serve")
+    print("deployment runner up: `prefect deployment run build-dataset/local` "
+          f"(log {STATE / 'serve.log'})")
+
+
+def _stop(name: str, grace: float) -> None:
+    pid = _alive(name)
+    if pid is None:
+        (STATE / f"{name}.pid").unlink(missing_ok=True)
+        return
+    os.killpg(pid, signal.SIGINT)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < grace and _alive(name):
+        time.sleep(0.3)
+    if _alive(name):
+        os.killpg(pid, signal.SIGKILL)
+        print(f"{name}: did not stop within {grace:.0f}s of SIGINT; killed")
+    (STATE / f"{name}.pid").unlink(missing_ok=True)
+    print(f"{name} stopped")
+
+
+def stop() -> None:
+    # The runner first: it marks its deployments paused through the server.
+    _stop("serve", 30)
+    _stop("server", 30)
+
+
+def status() -> None:
+    up = _get("/health") is True
+    print(f"server: {'up at ' + _api() if up else 'down'}; "
+          f"deployment runner: {'up' if _alive('serve') else 'down'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=4200)
+    sub.add_parser("serve")
+    sub.add_parser("stop")
+    sub.add_parser("status")
+    args = ap.parse_args(argv)
+    if args.cmd == "server":
+        server(args.host, args.port)
+    else:
+        {"serve": serve, "stop": stop, "status": status}[args.cmd]()
+
+
+if __name__ == "__main__":
+    main()

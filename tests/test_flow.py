@@ -1,0 +1,131 @@
+"""Prefect and DVC agree: a real Prefect server, a real DVC repo, the real flow."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, ROOT, run
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], repo)
+
+
+def ran_stages(results) -> list[str]:
+    return [r["stage"] for r in results if r["ran"]]
+
+
+def test_flow_and_dvc_repro_agree(repo, prefect_server):
+    from flows.build_dataset import build_dataset
+
+    root, expected = repo
+    results = build_dataset(root=str(root))
+    assert ran_stages(results) == ["ingest", "bucket"]
+    assert results[0]["metrics"]["quarantined"] >= len(expected)
+    # The flow left dvc.lock as `dvc repro` would: everything is up to date ...
+    assert "up to date" in dvc(root, "status").stdout
+    lock = (root / "dvc.lock").read_text()
+    assert set(yaml.safe_load(lock)["stages"]) == {"ingest", "bucket"}
+    # ... so `dvc repro` does nothing and leaves the lock as it was,
+    repro = dvc(root, "repro")
+    assert "didn't change, skipping" in repro.stdout and "Running stage" not in repro.stdout
+    assert (root / "dvc.lock").read_text() == lock
+    # ... and neither does the flow.
+    assert ran_stages(build_dataset(root=str(root))) == []
+
+    # Changing a bucket parameter makes only bucket stale, for both front doors.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["bucket"]["resample"] = "bicubic"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    status = dvc(root, "status").stdout
+    assert "bucket" in status and "ingest" not in status
+    results = build_dataset(root=str(root))
+    assert ran_stages(results) == ["bucket"]
+    assert results[1]["metrics"]["computed"] == results[1]["metrics"]["total"]
+    assert "up to date" in dvc(root, "status").stdout
+
+
+def test_dvc_repro_first_then_the_flow_does_nothing(repo, prefect_server):
+    from flows.build_dataset import build_dataset
+
+    root, _ = repo
+    out = dvc(root, "repro").stdout
+    assert "Running stage 'ingest'" in out and "Running stage 'bucket'" in out
+    assert ran_stages(build_dataset(root=str(root))) == []
+
+
+async def _flow_run_details(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterId, LogFilter, LogFilterFlowRunId)
+
+    async with get_client() as client:
+        run_ = await client.read_flow_run(flow_run_id)
+        tasks_ = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return run_, tasks_, logs, arts
+
+
+def test_deployment_runs_through_the_server_with_logs_and_counts(repo, prefect_server):
+    """`prefect deployment run build-dataset/local` against a served deployment."""
+    root, _ = repo
+    # The UI shows INFO lines; the quiet test default would hide the counts.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}
+    log = root / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=root, env=env,
+                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        from prefect.client.orchestration import get_client
+
+        async def ready():
+            async with get_client() as client:
+                try:
+                    d = await client.read_deployment_by_name("build-dataset/local")
+                except Exception:  # noqa: BLE001 — not registered yet
+                    return False
+                return not d.paused
+
+        t0 = time.monotonic()
+        while not asyncio.run(ready()):
+            assert serve.poll() is None, log.read_text()
+            assert time.monotonic() - t0 < 120, "deployment never became ready"
+            time.sleep(0.5)
+        out = run([str(BIN / "prefect"), "deployment", "run", "build-dataset/local", "--watch",
+                   "--watch-timeout", "300"], root, env=env, timeout=330)
+        assert "Completed" in out.stdout + out.stderr
+        import re
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+    assert serve.returncode is not None
+
+    run_, task_runs, logs, arts = asyncio.run(_flow_run_details(flow_run_id))
+    assert run_.state.is_completed() and run_.parameters == {"root": str(root)}
+    assert sorted(t.name for t in task_runs) == ["bucket", "ingest"]
+    assert all(t.state.is_completed() for t in task_runs)
+    by_task = {t.id: t.name for t in task_runs}
+    ingest_lines = [log.message for log in logs if by_task.get(log.task_run_id) == "ingest"]
+    # The stage's own log lines (from its DVC subprocess) reach its task run.
+    assert any("quarantined data/raw/problems/bomb.png" in m for m in ingest_lines)
+    assert any("computed=" in m for m in ingest_lines)
+    keys = {a.key for a in arts}
+    assert {"ingest-counts", "bucket-counts", "build-dataset-summary"} <= keys
+    counts = next(a for a in arts if a.key == "bucket-counts")
+    assert "computed" in str(counts.data)
+    assert "up to date" in dvc(root, "status").stdout
