@@ -70,7 +70,10 @@ def build_dataset(root: str = ".") -> list[dict]:
         ]),
         description="What this run of build-dataset did",
     )
-    get_run_logger().info("stages run: %s", ", ".join(ran) or "none (all fresh)")
+    logger = get_run_logger()
+    logger.info("stages run: %s", ", ".join(ran) or "none (all fresh)")
+    if ran:
+        logger.info("dvc.lock updated; to record this dataset version: git add dvc.lock metrics && git commit")
     return results
 
 

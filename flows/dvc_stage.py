@@ -48,17 +48,31 @@ def _follow(path: Path, logger: logging.LoggerAdapter | logging.Logger):
 
 
 def _relog(logger, line: str) -> None:
-    level = logging.INFO
-    for name in ("ERROR", "WARNING", "CRITICAL"):
-        if f" {name} " in line[:40]:
-            level = getattr(logging, name)
-            break
-    logger.log(level, line)
+    """Lines are "LEVEL<tab>message" (tasks.stage.setup_logging); anything else
+    (a traceback, a library's print) is passed on at INFO."""
+    name, sep, message = line.partition("\t")
+    level = logging.getLevelName(name) if sep else None
+    if isinstance(level, int):
+        logger.log(level, message)
+    else:
+        logger.info(line)
+
+
+def _quiet_dvc_console() -> None:
+    """PREFECT_LOGGING_EXTRA_LOGGERS=dvc gives DVC's logger Prefect's handlers
+    (that is how its lines reach the UI); it also propagates to the root
+    logger's console handler, which would print each line a second time. Its
+    per-stage "git add dvc.lock" hint is said once by the flow instead."""
+    dvc_log = logging.getLogger("dvc")
+    if dvc_log.handlers:
+        dvc_log.propagate = False
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
 
 
 def reproduce(stage: str, root: Path, logger) -> bool:
     """Reproduce `stage` alone if DVC says it is stale. True when it ran."""
     root = root.resolve()
+    _quiet_dvc_console()
     # A deployment's process may not have the venv on PATH; the stage's
     # `python -m tasks.x` must run with this very interpreter.
     env_path = os.environ.get("PATH", "")

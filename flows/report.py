@@ -45,7 +45,7 @@ def print_report(root: Path, state=None) -> None:
         rows = pq.read_table(quarantine).to_pylist()
         q = Table(title=f"Quarantined: {len(rows)} files, left in place "
                         f"({quarantine.relative_to(root)})", title_justify="left")
-        q.add_column("file")
+        q.add_column("file", overflow="fold")
         q.add_column("reason")
         q.add_column("detail", overflow="fold")
         for r in rows:

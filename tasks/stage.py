@@ -37,11 +37,15 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     if not any(getattr(h, "_niche", False) for h in root.handlers):
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-        if os.environ.get(LOG_FILE_ENV):
-            handlers.append(logging.FileHandler(os.environ[LOG_FILE_ENV], encoding="utf-8"))
+        # Under the flow, the file is relayed to the console and the UI; also
+        # writing stderr would print every line twice.
+        log_file = os.environ.get(LOG_FILE_ENV)
+        handlers: list[logging.Handler] = [
+            logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)]
         for h in handlers:
-            h.setFormatter(fmt)
+            # The relay (flows/dvc_stage.py) reads the level before the tab and
+            # adds its own time stamp.
+            h.setFormatter(logging.Formatter("%(levelname)s\t%(name)s: %(message)s") if log_file else fmt)
             h._niche = True  # type: ignore[attr-defined]
             root.addHandler(h)
 

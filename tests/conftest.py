@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.scaffold import scaffold
+from tasks.sample.__main__ import make_sample
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -43,9 +46,6 @@ os.environ.update({
     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
 })
 
-# What a repo needs for its pipeline: the stage code and the DVC definitions.
-REPO_FILES = ["tasks", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
-
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
@@ -56,18 +56,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 
 def make_repo(path: Path, figures: int = 6, photos: bool = True, bad: bool = True) -> tuple[Path, dict]:
     """A git + DVC repo holding this project's pipeline and a sample dataset."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in REPO_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, path / name)
-    run(["git", "init", "-q"], path)
-    run([str(BIN / "dvc"), "init", "-q"], path)
-    run([str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(path / ".dvc" / "site")], path)
-    from tasks.sample.__main__ import make_sample
-
+    scaffold(path)
     cwd = os.getcwd()
     os.chdir(path)
     try:
@@ -125,6 +114,12 @@ def prefect_server():
                                (_HOME / "server.log").read_text(errors="replace")[-3000:])
         time.sleep(0.5)
     yield url
+    # Send the logs and events still queued before the server goes away.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
     proc.send_signal(2)  # SIGINT: the server's own clean shutdown
     try:
         proc.wait(30)
