@@ -8,10 +8,7 @@ bucket list: adding a bucket recomputes only the images that move to it.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +18,8 @@ from PIL import Image
 
 from tasks import manifest
 from tasks.images import decode
-from tasks.params import load_section
-from tasks.stage import ItemError, Report, run_items, setup_logging
+from tasks.stage import ItemError, Report, run_items, stage_main
 from tasks.store import Store, item_key
-
-log = logging.getLogger("niche.bucket")
 
 VERSION = 1  # bump when the pixels written for the same key would change
 STORE = Path("data/derived/bucket")
@@ -124,15 +118,7 @@ def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--workers", type=int, default=None)
-    args = ap.parse_args(argv)
-    setup_logging()
-    p = load_section(BucketParams, "bucket", args.params)
-    report = bucket(p, workers=args.workers)
-    report.write()
-    log.info("%s; %s", report.summary(), json.dumps(report.extra))
+    stage_main("bucket", BucketParams, bucket, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ decodes 10.
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
@@ -21,8 +20,7 @@ from pathlib import Path
 
 from tasks import manifest
 from tasks.images import ImageRejected, decode
-from tasks.params import load_section
-from tasks.stage import Report, run_items, setup_logging
+from tasks.stage import Report, run_items, stage_main
 from tasks.store import Store, item_key, sha256_file
 
 log = logging.getLogger("niche.ingest")
@@ -59,7 +57,7 @@ class IngestParams:
 
 
 def _walk(root: Path, ignore: tuple[str, ...]):
-    """Yield (path, symlink-target-or-None) for every file under `root`, sorted."""
+    """Yield every file (and symlinked folder) under `root`, in sorted order."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         d = Path(dirpath)
@@ -122,6 +120,8 @@ def _read_caption(path: Path) -> str:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ImageRejected("caption_not_utf8", f"caption is not valid UTF-8 ({e})") from None
+    except OSError as e:
+        raise ImageRejected("unreadable", f"cannot read caption: {e}") from None
     return text.removeprefix("\ufeff").strip()
 
 
@@ -236,15 +236,7 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--workers", type=int, default=None)
-    args = ap.parse_args(argv)
-    setup_logging()
-    p = load_section(IngestParams, "ingest", args.params)
-    report = ingest(p, workers=args.workers)
-    report.write()
-    log.info("%s; %s", report.summary(), json.dumps(report.extra))
+    stage_main("ingest", IngestParams, ingest, __doc__, argv)
 
 
 if __name__ == "__main__":

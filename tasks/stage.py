@@ -7,6 +7,8 @@ terminal, and returns the counts the stage writes as its DVC metrics.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import sys
@@ -18,6 +20,7 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
+from tasks.params import ParamsError, load_section
 from tasks.store import Store, atomic_write_json
 
 log = logging.getLogger("niche")
@@ -144,3 +147,21 @@ def run_items(
         raise RuntimeError(f"{stage}: all {len(todo)} items failed; first: "
                            f"{next(iter(report.failures.values()))}")
     return report
+
+
+def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: str,
+               argv: list[str] | None = None) -> None:
+    """The command line of every stage: read its params section, run, write metrics."""
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads (default: $NICHE_WORKERS or all cores); does not change outputs")
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        params = load_section(params_cls, stage, args.params)
+    except (ParamsError, ValueError) as e:
+        sys.exit(f"{args.params}: {e}")
+    report = run(params, workers=args.workers)
+    report.write()
+    log.info("%s; %s", report.summary(), json.dumps(report.extra))

@@ -70,3 +70,17 @@ def test_missing_required_key():
 
     with pytest.raises(ParamsError, match=r"x\.model: missing"):
         from_dict(P, {}, "x")
+
+
+def test_stage_command_refuses_a_bad_section_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "params.yaml"
+    f.write_text("bucket:\n  resample: lanczos\n  bukets: [[1024, 1024]]\n")
+    p = subprocess.run([sys.executable, "-m", "tasks.bucket", "--params", str(f)],
+                       capture_output=True, text=True, cwd=tmp_path,
+                       env={**__import__("os").environ,
+                            "PYTHONPATH": str(ROOT_PARAMS.parent)})
+    assert p.returncode != 0
+    assert "bucket.bukets" in p.stderr and "Traceback" not in p.stderr
