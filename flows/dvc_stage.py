@@ -97,8 +97,3 @@ def stage_metrics(stage: str, root: Path) -> dict:
     path = root / "metrics" / f"{stage}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
-
-def status(root: Path) -> dict:
-    """`dvc status` as a dict; empty when everything is up to date."""
-    with chdir(root), Repo(str(root.resolve())) as repo:
-        return repo.status()
