@@ -149,6 +149,69 @@ def run_items(
     return report
 
 
+def run_batches(
+    stage: str,
+    work: Iterable[tuple[str, str]],
+    store: Store,
+    compute_batch: Callable[[list[tuple[str, str]]], dict[str, str] | None],
+    batch_size: int,
+    group: Callable[[str], object] | None = None,
+    order: Callable[[str], object] | None = None,
+) -> Report:
+    """Like run_items, for models: missing keys go to `compute_batch` in batches.
+
+    `group(item_id)` keeps items that cannot share a batch apart (images of
+    different buckets); `order(item_id)` sorts within a group (text by length,
+    so padding stays small). `compute_batch` writes each item and returns
+    {item id: reason} for items it could not do. If a whole batch raises, its
+    items are retried one by one, so one bad input fails alone. Batches run one
+    after another: the model uses the cores (or the GPU) itself.
+    """
+    t0 = time.perf_counter()
+    work = list(work)
+    report = Report(stage=stage, total=len(work))
+    store.remove_stale_temps()
+    todo = [(i, k) for i, k in work if not store.has(k)]
+    report.reused = len(work) - len(todo)
+    groups: dict[object, list[tuple[str, str]]] = {}
+    for pair in todo:
+        groups.setdefault(group(pair[0]) if group else None, []).append(pair)
+    batches = []
+    for items in groups.values():
+        if order:
+            items.sort(key=lambda p: order(p[0]))
+        batches += [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+    def attempt(batch: list[tuple[str, str]]) -> dict[str, str]:
+        try:
+            return compute_batch(batch) or {}
+        except Exception as e:  # noqa: BLE001 — isolated below, reported per item
+            if len(batch) == 1:
+                return {batch[0][0]: f"{type(e).__name__}: {e}"}
+            log.warning("%s: a batch of %d failed (%s: %s); retrying its items one by one",
+                        stage, len(batch), type(e).__name__, e)
+            errors: dict[str, str] = {}
+            for pair in batch:
+                errors.update(attempt([pair]))
+            return errors
+
+    bar = tqdm(total=len(todo), desc=stage, unit="item", disable=None, leave=False)
+    for batch in batches:
+        errors = attempt(batch)
+        for item_id, err in errors.items():
+            report.failures[item_id] = err
+            log.warning("%s: %s failed: %s", stage, item_id, err)
+        report.failed += len(errors)
+        report.computed += len(batch) - len(errors)
+        bar.update(len(batch))
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    if len(todo) > 1 and report.failed == len(todo):
+        raise RuntimeError(f"{stage}: all {len(todo)} items failed; first: "
+                           f"{next(iter(report.failures.values()))}")
+    return report
+
+
 def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: str,
                argv: list[str] | None = None) -> None:
     """The command line of every stage: read its params section, run, write metrics."""

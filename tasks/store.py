@@ -120,3 +120,18 @@ class Store:
             return set()
         return {p.name[: -len(self.ext)] for p in self.root.glob(f"??/*{self.ext}")
                 if not p.name.startswith(".")}
+
+
+def write_tensors(store: Store, key: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """One item as safetensors (numpy arrays), written atomically."""
+    from safetensors.numpy import save_file
+
+    return store.write(key, lambda t: save_file(tensors, str(t), metadata=metadata))
+
+
+def read_tensors(store: Store, key: str) -> tuple[dict, dict[str, str]]:
+    """(arrays, metadata) of one safetensors item."""
+    from safetensors import safe_open
+
+    with safe_open(str(store.path(key)), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

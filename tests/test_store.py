@@ -64,3 +64,34 @@ def test_stale_temporaries_are_removed_and_never_listed(tmp_path):
     tmp.write_bytes(b"half")
     assert store.keys() == {"ab" + "0" * 62}
     assert store.remove_stale_temps() == 1 and not tmp.exists()
+
+
+def test_run_batches_groups_orders_and_isolates_a_bad_item(tmp_path):
+    import numpy as np
+
+    from tasks.stage import run_batches
+    from tasks.store import read_tensors, write_tensors
+
+    store = Store(tmp_path / "s", ".safetensors")
+    lengths = {"a": 5, "b": 1, "c": 3, "bad": 2, "d": 4}
+    seen_batches = []
+
+    def compute(batch):
+        ids = [i for i, _ in batch]
+        seen_batches.append(ids)
+        if "bad" in ids:
+            raise ValueError("cannot encode")
+        for i, k in batch:
+            write_tensors(store, k, {"x": np.full(lengths[i], 1, np.float16)}, {"len": str(lengths[i])})
+
+    work = [(i, item_key("t", 1, [i], {})) for i in lengths]
+    r = run_batches("t", work, store, compute, batch_size=2,
+                    group=lambda i: lengths[i] % 2, order=lambda i: lengths[i])
+    assert (r.computed, r.failed) == (4, 1) and set(r.failures) == {"bad"}
+    # Odd lengths together, sorted: [b, c], [a]; even: [bad, d] fails, then alone.
+    assert seen_batches[:3] == [["b", "c"], ["a"], ["bad", "d"]]
+    assert ["bad"] in seen_batches and ["d"] in seen_batches
+    arrays, meta = read_tensors(store, dict(work)["a"])
+    assert arrays["x"].shape == (5,) and meta == {"len": "5"}
+    again = run_batches("t", work, store, compute, batch_size=2)
+    assert (again.computed, again.reused, again.failed) == (0, 4, 1)
