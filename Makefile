@@ -32,6 +32,7 @@ $(VENV)/.installed: requirements.lock constraints.txt pyproject.toml
 # server, DVC recording every stage. Leaves the server up for the UI.
 demo: venv
 	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples
+	@$(BIN)/python -m tasks.profile tiny
 	@$(MAKE) --no-print-directory server
 	@$(BIN)/python -m flows.build_dataset --report
 
@@ -72,3 +73,4 @@ lock:
 
 clean-demo: stop
 	rm -rf data/derived data/manifest metrics dvc.lock
+	$(BIN)/python -m tasks.profile real

@@ -19,8 +19,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dvc_stage
 
-# DAG order (dvc.yaml). Later stages are appended here as they arrive.
-STAGES = ("ingest", "bucket")
+# DAG order (dvc.yaml): the conditioning stages after the images they read.
+STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose")
 
 
 def _counts_table(metrics: dict) -> list[dict]:
@@ -37,14 +37,15 @@ def run_stage(stage: str, root: str) -> dict:
         return {"stage": stage, "ran": False}
     metrics = dvc_stage.stage_metrics(stage, Path(root))
     logger.info("%s: %s", stage, ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    slug = stage.replace("_", "-")  # artifact keys: lowercase letters, digits, dashes
     create_table_artifact(
-        key=f"{stage}-counts",
+        key=f"{slug}-counts",
         table=_counts_table(metrics),
         description=f"`{stage}`: items computed, reused and failed in this run",
     )
     for name, sub in metrics.items():
         if isinstance(sub, dict) and sub:
-            create_table_artifact(key=f"{stage}-{name.replace('_', '-')}",
+            create_table_artifact(key=f"{slug}-{name.replace('_', '-')}",
                                   table=[{"key": k, "count": v} for k, v in sub.items()],
                                   description=f"`{stage}`: {name.replace('_', ' ')}")
     return {"stage": stage, "ran": True, "metrics": metrics}
@@ -52,7 +53,7 @@ def run_stage(stage: str, root: str) -> dict:
 
 @flow(name="build-dataset", log_prints=True)
 def build_dataset(root: str = ".") -> list[dict]:
-    """Ingest → bucket (→ captions, embeddings, shards in later versions)."""
+    """Ingest → bucket → caption → T5 / DINOv3 / DWPose embeddings (→ shards later)."""
     root = str(Path(root).resolve())
     results = [run_stage(stage, root) for stage in STAGES]
     ran = [r["stage"] for r in results if r["ran"]]

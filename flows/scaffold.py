@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tasks", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
+FILES = ["tasks", "models", "profiles", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
 
 
 def scaffold(dst: Path) -> Path:

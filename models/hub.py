@@ -24,7 +24,12 @@ TINY_MARKER = "NICHE_TINY_RANDOM_WEIGHTS.txt"  # written into every tiny model f
 _HASH_WHOLE = 64 << 20
 
 
-class ModelMissing(RuntimeError):
+class SetupError(RuntimeError):
+    """Something a person fixes in the setup (a missing model, an unreachable
+    server, no GPU): the stage stops with the message alone, no traceback."""
+
+
+class ModelMissing(SetupError):
     """The configured model is not on this machine."""
 
 

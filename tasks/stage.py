@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
+from models.hub import SetupError
 from tasks.params import ParamsError, load_section
 from tasks.store import Store, atomic_write_json
 
@@ -225,6 +226,9 @@ def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: st
         params = load_section(params_cls, stage, args.params)
     except (ParamsError, ValueError) as e:
         sys.exit(f"{args.params}: {e}")
-    report = run(params, workers=args.workers)
+    try:
+        report = run(params, workers=args.workers)
+    except SetupError as e:
+        sys.exit(f"{stage}: {e}")
     report.write()
     log.info("%s; %s", report.summary(), json.dumps(report.extra))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.scaffold import scaffold
+from tasks.profile import apply as apply_profile
 from tasks.sample.__main__ import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +56,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 
 
 def make_repo(path: Path, figures: int = 6, photos: bool = True, bad: bool = True) -> tuple[Path, dict]:
-    """A git + DVC repo holding this project's pipeline and a sample dataset."""
+    """A git + DVC repo holding this project's pipeline and a sample dataset, on
+    the tiny profile (tests never touch real weights)."""
     scaffold(path)
     cwd = os.getcwd()
     os.chdir(path)
     try:
         expected = make_sample(Path("data/raw"), figures, seed=0, photos=photos, bad_examples=bad)
+        apply_profile("tiny", Path("params.yaml"))
     finally:
         os.chdir(cwd)
     run(["git", "add", "-A"], path)
@@ -75,19 +78,43 @@ def chdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def sample_repo(tmp_path_factory):
-    """A repo with sample data, created once; copy it before changing it."""
+def tiny_models():
+    """The tiny profile's models, built once into this checkout's models/tiny
+    (what `python -m models.tiny` does; a folder already built is kept), so
+    every scaffolded repo copies them instead of building them again."""
+    from models.tiny import build_all
+
+    return build_all(ROOT / "models" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_repo(tmp_path_factory, tiny_models):
+    """A repo with sample data, photos and problem files, created once; copy it before changing it."""
     return make_repo(tmp_path_factory.mktemp("sample") / "repo")
+
+
+@pytest.fixture(scope="session")
+def tiny_sample_repo(tmp_path_factory, tiny_models):
+    """A repo with a few figures only: the conditioning stages' workload."""
+    return make_repo(tmp_path_factory.mktemp("tiny") / "repo", figures=6, photos=False, bad=False)[0]
+
+
+def _copy_repo(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    run([str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(dst / ".dvc" / "site")], dst)
+    return dst
+
+
+@pytest.fixture
+def tiny_repo(tiny_sample_repo, tmp_path):
+    return _copy_repo(tiny_sample_repo, tmp_path / "repo")
 
 
 @pytest.fixture
 def repo(sample_repo, tmp_path):
     src, expected = sample_repo
-    dst = tmp_path / "repo"
-    shutil.copytree(src, dst, symlinks=True)
-    run([str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(dst / ".dvc" / "site")], dst)
     # Problem paths are relative to the repo root, so they hold for the copy.
-    return dst, expected
+    return _copy_repo(src, tmp_path / "repo"), expected
 
 
 def _healthy(url: str) -> bool:
