@@ -40,6 +40,7 @@ def print_report(root: Path, state=None) -> None:
             per[r["bucket"]] = per.get(r["bucket"], 0) + (r["error"] is None)
         con.print("buckets: " + ", ".join(f"{b}: {n}" for b, n in sorted(per.items())) +
                   f" → images in data/derived/bucket/, index {bucket.relative_to(root)}")
+    _conditioning(con, root, mdir)
     quarantine = mdir / "quarantine.parquet"
     if quarantine.is_file():
         rows = pq.read_table(quarantine).to_pylist()
@@ -59,3 +60,38 @@ def print_report(root: Path, state=None) -> None:
         con.print(f"Prefect run: {state.name}" + (f" — {ui}/runs/flow-run/{run_id}" if ui else ""))
     con.print("Next: `dvc status` (clean), `dvc repro` (does nothing), "
               "`make serve` then `prefect deployment run build-dataset/local`; `make stop` stops the server.")
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def _conditioning(con: Console, root: Path, mdir: Path) -> None:
+    """One line per conditioning stage: what was made, an example, where it is."""
+    captions = _rows(mdir / "caption.parquet")
+    if captions:
+        ok = [r for r in captions if r["error"] is None]
+        flagged = sum(bool(r["flags"]) for r in ok)
+        example = ok[0]["text"][:90] if ok else ""
+        con.print(f"captions: {len(ok)} of {len(captions)} ({len(set(r['text'] for r in ok))} distinct, "
+                  f"{flagged} flagged), e.g. {example!r} → data/manifest/caption.parquet")
+    text = _rows(mdir / "embed_text.parquet")
+    if text:
+        lengths = [r["length"] for r in text if r["error"] is None]
+        if lengths:
+            con.print(f"T5: {len(lengths)} captions, {min(lengths)}–{max(lengths)} tokens "
+                      f"(trimmed, fp16) → data/derived/embed_text/")
+    image = _rows(mdir / "embed_image.parquet")
+    if image:
+        grids = sorted({f"{r['grid_h']}x{r['grid_w']}" for r in image if r["error"] is None})
+        con.print(f"DINOv3: {sum(r['error'] is None for r in image)} images, CLS + patch grids "
+                  f"{', '.join(grids)} → data/derived/embed_image/")
+    pose = _rows(mdir / "embed_pose.parquet")
+    if pose:
+        found = sum((r["n_people"] or 0) > 0 for r in pose)
+        con.print(f"DWPose: a person in {found} of {len(pose)} images, 133 keypoints each "
+                  f"→ data/derived/embed_pose/")
+    params = root / "params.yaml"
+    if params.is_file() and "models/tiny/" in params.read_text():
+        con.print("[yellow]tiny profile: these models have RANDOM weights — the captions and embeddings "
+                  "test the plumbing, they mean nothing. `python -m tasks.profile real` for the real ones.[/]")
