@@ -1,7 +1,9 @@
 """The caption stage with a real tiny Gemma 3 (random weights, loaded by the same
 code as google/gemma-3-27b-it), the sidecar backend, and the text checks."""
+import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,8 @@ from PIL import Image
 from models.gemma import GemmaCaptioner, build_tiny_gemma3
 from models.hub import TINY_MARKER, ModelMissing
 from tasks.bucket import BucketParams, bucket
-from tasks.caption import (FLAG_MAX_TOKENS, FLAG_REPETITION, STORE, CaptionParams, apply_trigger, caption,
-                           caption_flags, normalize, repetition_coverage)
+from tasks.caption import (DEFAULT_INSTRUCTION, FLAG_MAX_TOKENS, FLAG_REPETITION, STORE, CaptionParams,
+                           apply_trigger, caption, caption_flags, normalize, repetition_coverage)
 from tasks.ingest import IngestParams, ingest
 from tasks.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
@@ -83,6 +85,55 @@ def test_tiny_gemma_end_to_end_caches_and_applies_the_trigger_late(bucketed, tin
     before = {r["id"]: r["text"] for r in first.to_pylist()}
     for r in _rows():
         assert r["text"] == f"TOK, {before[r['id']]}"
+
+
+def test_tiny_builder_is_deterministic(tiny, tmp_path):
+    again = build_tiny_gemma3(tmp_path / "gemma3")
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+    assert digests(again) == digests(tiny)
+    assert sum(f.stat().st_size for f in tiny.iterdir()) < 2_000_000
+
+
+def test_tiny_gemma_can_only_generate_plain_words(tiny):
+    # generation_config.json bans every token but the words; what is left decodes
+    # to " word": no byte-fallback piece (U+FFFD), no special, no control character.
+    from transformers import AutoProcessor, GenerationConfig
+
+    tok = AutoProcessor.from_pretrained(tiny).tokenizer
+    banned = set(GenerationConfig.from_pretrained(tiny).suppress_tokens)
+    allowed = [i for i in range(len(tok)) if i not in banned]
+    assert len(allowed) >= 100
+    for i in allowed:
+        assert re.fullmatch(r" [a-z]+", tok.decode([i])), (i, tok.decode([i]))
+    for name in ("<eos>", "<end_of_turn>", "<start_of_image>", "<image_soft_token>", "<0xEF>", "a", "\n"):
+        assert tok.convert_tokens_to_ids(name) in banned, name
+
+
+def _bucketed_figures(sizes: BucketParams) -> list[Image.Image]:
+    bucket(sizes, workers=2)
+    rows = sorted(pq.read_table(M / "bucket.parquet").to_pylist(), key=lambda r: r["id"])
+    return [Image.open(Path("data/derived/bucket", r["file"])).convert("RGB") for r in rows]
+
+
+def test_tiny_gemma_captions_depend_on_the_image_and_read_as_words(chdir, tiny):
+    # The demo's failure: one unreadable caption ('JaaJJJJ\ufffdJ...') for every
+    # image, so all captions collapsed into one T5 item downstream.
+    make_sample(Path("data/raw"), figures=8, photos=False, bad_examples=False)
+    ingest(IngestParams(), workers=2)
+    cap = GemmaCaptioner(tiny, "cpu")
+    for sizes in (BucketParams(), SMALL):  # ~1 MP, and small
+        images = _bucketed_figures(sizes)
+        assert len(images) == 8
+        gens = cap.caption(images + images[:2], DEFAULT_INSTRUCTION, max_new_tokens=16)
+        texts = [g.text for g in gens]
+        assert len(set(texts[:8])) >= 6, texts
+        assert texts[8:] == texts[:2]  # the same image, the same caption
+        for t in texts:
+            assert re.fullmatch(r"( [a-z]+)+", t), t  # plain words: no U+FFFD, no control character
+            assert len(set(t.split())) >= 8, t  # not one word over and over
 
 
 def test_batched_generation_equals_one_at_a_time(tiny):

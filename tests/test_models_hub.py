@@ -46,6 +46,7 @@ def test_missing_hub_model_names_the_param_and_the_fix(tmp_path, monkeypatch):
 def test_profiles_switch_only_their_keys_and_keep_comments(tmp_path):
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
+    apply("real", params, build=False)  # the checkout may be on the tiny profile (after `make demo`)
     before = params.read_text()
     import yaml
 

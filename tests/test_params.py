@@ -86,23 +86,28 @@ def test_stage_command_refuses_a_bad_section_by_name(tmp_path):
     assert "bucket.bukets" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults():
-    """params.yaml documents the defaults; it must not drift from the code."""
+def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path):
+    """params.yaml (on the real profile) documents the defaults; it must not drift from the code."""
+    import shutil
+
     import yaml
 
     from tasks.caption import CaptionParams
     from tasks.embed_image import EmbedImageParams
     from tasks.embed_pose import EmbedPoseParams
     from tasks.embed_text import EmbedTextParams
-    from tasks.profile import load_profile
+    from tasks.profile import apply, load_profile
 
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT_PARAMS, params)
+    apply("real", params, build=False)  # the checkout may be on the tiny profile (after `make demo`)
     classes = {"ingest": IngestParams, "bucket": BucketParams, "caption": CaptionParams,
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
                "embed_pose": EmbedPoseParams}
-    doc = yaml.safe_load(ROOT_PARAMS.read_text())
+    doc = yaml.safe_load(params.read_text())
     assert set(doc) == set(classes)
     for section, cls in classes.items():
-        assert load_section(cls, section, ROOT_PARAMS) == cls(), section
+        assert load_section(cls, section, params) == cls(), section
     for section, values in load_profile("real").items():
         for key, value in values.items():
             assert getattr(classes[section](), key) == value, f"profiles/real.yaml {section}.{key}"
