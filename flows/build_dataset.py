@@ -36,6 +36,9 @@ def run_stage(stage: str, root: str) -> dict:
         logger.info("%s: up to date according to DVC; nothing to do", stage)
         return {"stage": stage, "ran": False}
     metrics = dvc_stage.stage_metrics(stage, Path(root))
+    if not metrics:  # a `dvc add`-ed source: DVC recorded its new version
+        logger.info("%s: new version recorded", stage)
+        return {"stage": stage, "ran": True}
     logger.info("%s: %s", stage, ", ".join(f"{k}={v}" for k, v in metrics.items()))
     slug = stage.replace("_", "-")  # artifact keys: lowercase letters, digits, dashes
     create_table_artifact(
@@ -55,7 +58,10 @@ def run_stage(stage: str, root: str) -> dict:
 def build_dataset(root: str = ".") -> list[dict]:
     """Ingest → bucket → caption → T5 / DINOv3 / DWPose embeddings (→ shards later)."""
     root = str(Path(root).resolve())
-    results = [run_stage(stage, root) for stage in STAGES]
+    # Inputs versioned with `dvc add` (e.g. data/raw.dvc) are brought up to date
+    # first, as `dvc repro` does, so that dvc status is clean afterwards.
+    sources = sorted(p.relative_to(root).as_posix() for p in Path(root).glob("data/*.dvc"))
+    results = [run_stage(stage, root) for stage in (*sources, *STAGES)]
     ran = [r["stage"] for r in results if r["ran"]]
     create_markdown_artifact(
         key="build-dataset-summary",

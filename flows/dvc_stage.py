@@ -79,7 +79,7 @@ def reproduce(stage: str, root: Path, logger) -> bool:
     bindir = str(Path(sys.executable).parent)
     if not env_path.startswith(bindir + os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + env_path
-    with tempfile.TemporaryDirectory(prefix=f"niche-{stage}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"niche-{Path(stage).name}-") as tmp:
         log_file = Path(tmp) / "stage.log"
         log_file.touch()
         os.environ[LOG_FILE_ENV] = str(log_file)

@@ -133,3 +133,19 @@ def test_deployment_runs_through_the_server_with_logs_and_counts(repo, prefect_s
     counts = next(a for a in arts if a.key == "bucket-counts")
     assert "computed" in str(counts.data)
     assert "up to date" in dvc(root, "status").stdout
+
+
+def test_flow_keeps_dvc_added_raw_data_current(tiny_repo, prefect_server):
+    """With `dvc add data/raw`, adding an image and running the flow records the
+    new raw version and leaves `dvc status` clean, as `dvc repro` would."""
+    from flows.build_dataset import build_dataset
+    from tasks.sample.particles import write_particle_dataset
+
+    root = tiny_repo
+    dvc(root, "add", "-q", "data/raw")
+    assert ran_stages(build_dataset(root=str(root)))[:2] == ["ingest", "bucket"]
+    write_particle_dataset(root / "data/raw/figures", 1, seed=0, start=6)
+    results = build_dataset(root=str(root))
+    assert ran_stages(results)[:2] == ["data/raw.dvc", "ingest"]
+    assert next(r for r in results if r["stage"] == "bucket")["metrics"]["computed"] == 1
+    assert "up to date" in dvc(root, "status").stdout
