@@ -24,7 +24,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose")
+STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose", "shard")
 
 
 def repro(repo: Path) -> tuple[float, dict[str, dict]]:

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import dvc_stage
 
 # DAG order (dvc.yaml): the conditioning stages after the images they read.
-STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose")
+STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose", "shard")
 
 
 def _counts_table(metrics: dict) -> list[dict]:
@@ -56,7 +56,7 @@ def run_stage(stage: str, root: str) -> dict:
 
 @flow(name="build-dataset", log_prints=True)
 def build_dataset(root: str = ".") -> list[dict]:
-    """Ingest → bucket → caption → T5 / DINOv3 / DWPose embeddings (→ shards later)."""
+    """Ingest → bucket → caption → T5 / DINOv3 / DWPose embeddings → shards."""
     root = str(Path(root).resolve())
     # Inputs versioned with `dvc add` (e.g. data/raw.dvc) are brought up to date
     # first, as `dvc repro` does, so that dvc status is clean afterwards.

@@ -69,12 +69,14 @@ def cover_crop(width: int, height: int, bw: int, bh: int) -> tuple[float, float,
     bucket as (x - left) * scale — later stages and tests map keypoints with it.
     """
     scale = max(bw / width, bh / height)
-    return scale, (width - bw / scale) / 2.0, (height - bh / scale) / 2.0
+    # Clamped at 0: on the covered axis the exact answer is 0, and float error
+    # can make it -1e-14, which PIL refuses as a crop box.
+    return scale, max(0.0, (width - bw / scale) / 2.0), max(0.0, (height - bh / scale) / 2.0)
 
 
 def render(image: Image.Image, bw: int, bh: int, resample: str) -> Image.Image:
     scale, left, top = cover_crop(image.width, image.height, bw, bh)
-    box = (left, top, left + bw / scale, top + bh / scale)
+    box = (left, top, min(image.width, left + bw / scale), min(image.height, top + bh / scale))
     # Resampling straight from the crop box (not resize-then-crop) keeps the
     # filter's support at the crop edges and avoids a second rounding.
     return image.resize((bw, bh), FILTERS[resample], box=box)

@@ -129,3 +129,11 @@ def test_sigkill_midway_then_rerun_finishes_and_reuses(ingested):
     assert rerun.reused == len(done) and rerun.computed == total - len(done) and rerun.failed == 0
     assert not list(STORE.rglob("*.tmp"))
     assert len(_rows()) == total
+
+
+def test_crop_box_never_leaves_the_image_through_float_error():
+    # 832x1216 into 240x272 gave left = -5.7e-14, which PIL refuses.
+    scale, left, top = cover_crop(832, 1216, 240, 272)
+    assert left >= 0 and top >= 0
+    out = render(Image.new("RGB", (832, 1216), "white"), 240, 272, "lanczos")
+    assert out.size == (240, 272)

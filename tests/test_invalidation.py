@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
-EMBEDS = ("caption", "embed_text", "embed_image", "embed_pose")
+EMBEDS = ("caption", "embed_text", "embed_image", "embed_pose", "shard")
 
 
 def repro(root: Path) -> dict[str, int]:
@@ -21,6 +21,10 @@ def repro(root: Path) -> dict[str, int]:
     out = run([str(BIN / "dvc"), "repro"], root).stdout
     ran = re.findall(r"Running stage '(\w+)'", out)
     return {s: json.loads((root / "metrics" / f"{s}.json").read_text())["computed"] for s in ran}
+
+
+def shards_written(root: Path) -> int:
+    return json.loads((root / "metrics/shard.json").read_text())["shards"]["written"]
 
 
 def set_params(root: Path, **sections) -> None:
@@ -49,6 +53,8 @@ def test_editing_one_caption_file_recomputes_that_caption_and_its_t5_only(built)
     assert ran.get("caption") == 1 and ran.get("embed_text") == 1, ran
     assert "embed_image" not in ran and "embed_pose" not in ran, ran
     assert ran.get("bucket", 0) == 0  # bucket may re-run (ingest table changed) but computes nothing
+    # One sample changed: one shard is rewritten, the others keep their bytes.
+    assert shards_written(built) == 1
 
 
 def test_changing_the_t5_model_recomputes_all_t5_and_nothing_else(built):
@@ -57,6 +63,7 @@ def test_changing_the_t5_model_recomputes_all_t5_and_nothing_else(built):
     total = json.loads((built / "metrics/embed_text.json").read_text())["total"]
     failed = json.loads((built / "metrics/embed_text.json").read_text())["failed"]
     ran = repro(built)
+    assert ran.pop("shard") > 0  # every sample's T5 changed
     assert ran == {"embed_text": total - failed}, ran
 
 
@@ -64,11 +71,11 @@ def test_changing_a_caption_parameter_recomputes_captions_and_t5_only(built):
     set_params(built, caption={"backend": "transformers"})
     ran = repro(built)
     captions = json.loads((built / "metrics/caption.json").read_text())
-    assert set(ran) == {"caption", "embed_text"}, ran
+    assert set(ran) == {"caption", "embed_text", "shard"}, ran
     assert ran["caption"] == captions["total"] - captions["failed"] > 0
     # The trigger word is applied to stored captions: nothing is regenerated,
     # but every text changes, so every T5 item is new.
     set_params(built, caption={"trigger": "TOK"})
     ran = repro(built)
-    assert set(ran) == {"caption", "embed_text"} and ran["caption"] == 0, ran
+    assert set(ran) == {"caption", "embed_text", "shard"} and ran["caption"] == 0, ran
     assert ran["embed_text"] > 0
