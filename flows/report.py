@@ -91,6 +91,13 @@ def _conditioning(con: Console, root: Path, mdir: Path) -> None:
         found = sum((r["n_people"] or 0) > 0 for r in pose)
         con.print(f"DWPose: a person in {found} of {len(pose)} images, 133 keypoints each "
                   f"→ data/derived/embed_pose/")
+    shard_metrics = root / "metrics" / "shard.json"
+    if shard_metrics.is_file():
+        m = json.loads(shard_metrics.read_text())
+        con.print(f"shards: {m['samples']} samples in {m['shards']['total']} WebDataset tars "
+                  f"({m['shards']['written']} written, {m['shards']['unchanged']} unchanged), "
+                  f"{m['total_1mp_mb']:.2f} MB per sample at 1 MP (prx-tg format: {m['prx_tg_1mp_mb']:.2f} MB) "
+                  "→ data/shards/, index data/shards/index.parquet")
     params = root / "params.yaml"
     if params.is_file() and "models/tiny/" in params.read_text():
         con.print("[yellow]tiny profile: these models have RANDOM weights — the captions and embeddings "
