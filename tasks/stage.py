@@ -93,6 +93,16 @@ class Report:
                 f"{self.reused} reused, {self.failed} failed in {self.seconds:.1f}s")
 
 
+def _finish(report: Report, attempted: int, t0: float) -> Report:
+    """Stamp the time; a run in which every attempted item failed is a bug or a
+    broken environment rather than bad input, so it raises."""
+    report.seconds = time.perf_counter() - t0
+    if attempted > 1 and report.failed == attempted:
+        raise RuntimeError(f"{report.stage}: all {attempted} items failed; first: "
+                           f"{next(iter(report.failures.values()))}")
+    return report
+
+
 def run_items(
     stage: str,
     work: Iterable[tuple[str, str]],
@@ -143,11 +153,7 @@ def run_items(
                 log.warning("%s: %s failed: %s", stage, item_id, err)
             bar.update(1)
     bar.close()
-    report.seconds = time.perf_counter() - t0
-    if len(todo) > 1 and report.failed == len(todo):
-        raise RuntimeError(f"{stage}: all {len(todo)} items failed; first: "
-                           f"{next(iter(report.failures.values()))}")
-    return report
+    return _finish(report, len(todo), t0)
 
 
 def run_batches(
@@ -206,11 +212,7 @@ def run_batches(
         report.computed += len(batch) - len(errors)
         bar.update(len(batch))
     bar.close()
-    report.seconds = time.perf_counter() - t0
-    if len(todo) > 1 and report.failed == len(todo):
-        raise RuntimeError(f"{stage}: all {len(todo)} items failed; first: "
-                           f"{next(iter(report.failures.values()))}")
-    return report
+    return _finish(report, len(todo), t0)
 
 
 def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: str,
