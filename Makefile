@@ -1,6 +1,6 @@
 # Niche — the two commands a new user needs are `make demo` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STATE := $(CURDIR)/.niche
