@@ -81,7 +81,7 @@ def loss_terms(model: NanoDiT, x0: torch.Tensor, cond: Conditioning, obj: Object
     terms = {"mse": mse, "active_tokens": out.active_tokens}
     total = mse
     if out.repa is not None and obj.repa_weight > 0:
-        p = model.config.patch_size
+        p = getattr(model, "module", model).config.patch_size  # DDP wraps the model
         target = repa_targets(cond.dino_patches.float(), (x0.shape[-2] // p, x0.shape[-1] // p), out.repa_index)
         repa = 1 - F.cosine_similarity(out.repa.float(), target, dim=-1).mean()
         terms["repa"] = repa

@@ -257,7 +257,9 @@ class NanoDiT(ModelMixin, ConfigMixin):
         keep_n = N - int(N * route) if route > 0 and end > start else N
         idx = None
         if keep_n < N:
-            idx = torch.rand(B, N, device=x.device, generator=generator).argsort(dim=1)[:, :keep_n]
+            # Drawn where the generator lives (seeded CPU generators drive CUDA runs too).
+            where = generator.device if generator is not None else x.device
+            idx = torch.rand(B, N, device=where, generator=generator).to(x.device).argsort(dim=1)[:, :keep_n]
             idx = idx.sort(dim=1).values
         full, repa, repa_index, active = x, None, None, 0
         for i, block in enumerate(self.blocks):

@@ -98,17 +98,20 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     from tasks.embed_text import EmbedTextParams
     from tasks.profile import apply, load_profile
     from tasks.shard import ShardParams
+    from tasks.train_params import TrainParams
 
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT_PARAMS, params)
     apply("real", params, build=False)  # the checkout may be on the tiny profile (after `make demo`)
     classes = {"ingest": IngestParams, "bucket": BucketParams, "caption": CaptionParams,
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
-               "embed_pose": EmbedPoseParams, "shard": ShardParams}
+               "embed_pose": EmbedPoseParams, "shard": ShardParams, "train": TrainParams}
     doc = yaml.safe_load(params.read_text())
     assert set(doc) == set(classes)
     for section, cls in classes.items():
         assert load_section(cls, section, params) == cls(), section
     for section, values in load_profile("real").items():
         for key, value in values.items():
+            if isinstance(value, list):  # YAML lists; the dataclasses hold tuples
+                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             assert getattr(classes[section](), key) == value, f"profiles/real.yaml {section}.{key}"
