@@ -17,7 +17,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS := dvc
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test venv sample server serve stop deploy-run status lock clean-demo
+.PHONY: demo train test venv sample server serve stop deploy-run status lock clean-demo
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock constraints.txt pyproject.toml
@@ -35,6 +35,11 @@ demo: venv
 	@$(BIN)/python -m tasks.profile tiny
 	@$(MAKE) --no-print-directory server
 	@$(BIN)/python -m flows.build_dataset --report
+
+# Train NanoDiT through the train flow (dataset first, as DVC says); after `make demo`
+# this is the tiny profile: a few minutes on a CPU. Samples: runs/nanodit/samples/.
+train: server
+	@$(BIN)/python -m flows.train
 
 test: venv
 	$(BIN)/python -m pytest -q

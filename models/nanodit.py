@@ -39,7 +39,7 @@ from torch import nn
 
 PRESETS = {
     # For CI and the demo on a CPU: a few seconds a step at 256², meaning nothing.
-    "tiny": dict(hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    "tiny": dict(hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0, repa_hidden=256),
     "baseline": dict(hidden_size=384, depth=12, num_heads=6),
     "production": dict(hidden_size=768, depth=18, num_heads=12),
 }
@@ -114,7 +114,10 @@ class Attention(nn.Module):
         src = x if ctx is None else ctx
         q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(src).view(B, src.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        # The norms' weights in the activations' dtype: under bf16 autocast a mixed-dtype
+        # RMSNorm falls back to the slow unfused kernel.
+        q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps).to(v.dtype)
+        k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps).to(v.dtype)
         attn_mask = None if mask is None else mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(o.transpose(1, 2).reshape(B, N, D))

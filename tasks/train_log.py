@@ -41,13 +41,18 @@ def truncate_live(live_dir: Path, step: int) -> None:
 
 
 def open_live(live_dir: Path, resume_step: int | None):
-    from dvclive import Live  # imports dvc: only the rank that logs pays for it
+    from unittest import mock
+
+    import dvclive.live  # imports dvc: only the rank that logs pays for it
 
     if resume_step is not None:
         truncate_live(live_dir, resume_step)
-    # dvc.yaml declares the metrics and plots itself; inside `dvc exp run` DVC records the
-    # experiment, so dvclive must neither write a dvc.yaml nor save an experiment of its own.
-    return Live(str(live_dir), resume=resume_step is not None, save_dvc_exp=False, dvcyaml=False)
+    # dvc.yaml declares the metrics and plots itself, and `dvc exp run` records the experiment,
+    # so dvclive's own DVC integration (saving experiments, writing dvc.yaml, Studio) stays off.
+    # Its repo lookup is skipped too: it raises in a git repo with no commit yet.
+    with mock.patch.object(dvclive.live, "get_dvc_repo", return_value=None):
+        return dvclive.live.Live(str(live_dir), resume=resume_step is not None, save_dvc_exp=False,
+                                 dvcyaml=False)
 
 
 class Window:
