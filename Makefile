@@ -20,11 +20,12 @@ export PATH := $(BIN):$(PATH)
 .PHONY: demo train test venv sample server serve stop deploy-run status lock clean-demo
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.lock constraints.txt pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 needed, got " + sys.version' 
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -r requirements.lock
+	$(BIN)/pip install -q --no-deps -c constraints.txt -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -74,7 +75,11 @@ lock:
 	{ echo "# Exact versions resolved and tested together on Python 3.11 (pip freeze)."; \
 	  echo "# torch is installed first from constraints.txt; see README for CUDA."; \
 	  echo "# Regenerate: make lock"; \
-	  /tmp/niche-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|niche)=='; } > requirements.lock
+	  /tmp/niche-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|niche|lpips)=='; } > requirements.lock
+	@# requirements-nodeps.txt (lpips, without its torchvision) stays out of the lock;
+	@# install it after the freeze to check that the lock holds what it needs.
+	/tmp/niche-lock/bin/pip install -q --no-deps -c constraints.txt -r requirements-nodeps.txt
+	/tmp/niche-lock/bin/python -c 'from models.lpips_metric import import_lpips; import_lpips()'
 
 clean-demo: stop
 	rm -rf data/derived data/manifest metrics dvc.lock
