@@ -1,0 +1,361 @@
+"""validate: the prx-tg validation suite on one NanoDiT checkpoint (params.yaml: validate).
+
+    python -m tasks.validate [--params params.yaml] [--checkpoint PATH|STEP] [--skip-validated]
+
+The checkpoint: validate.checkpoint (or --checkpoint) is `latest` (the newest finished
+checkpoint of runs/<run>), a step number (runs/<run>/checkpoints/step-NNNNNN), or a path:
+a checkpoint folder or a run folder (its newest) — of any run, e.g. a superseded one, to
+back-test an old checkpoint with today's checks. Checkpoints and training state are only
+read, never written.
+
+The samples: the first `holdout` of the holdout split, in the loader's order for `seed`
+(the train split, with a warning and a flag, when the shards have no holdout), at the
+image scale the checkpoint trained at (or validate.image_scale). The checks
+(tasks/validate_suite.py): reconstruction, dino_swap, text_manipulation, cfg_divergence —
+each image generated from the noise of seed + its index, with the EMA weights by default.
+
+Written, each file atomically, beside the checkpoints of the run the checkpoint belongs to:
+  <run>/validation/step-NNNNNN/metrics.json    statistics per check, every image's LPIPS
+  <run>/validation/step-NNNNNN/<check>.png     side-by-side grid per check
+  <run>/validation/history.tsv                 one row per validated step (re-validating
+                                               a step replaces its row)
+  metrics/validate.json                        metrics.json without per-image values
+                                               (DVC metrics; only for the run of validate.run)
+Alarms: the reconstruction mean rose by more than alarm_jump since the previous row.
+Flags: a check worse than the run's best earlier step by more than regress_margin (for
+text_manipulation and cfg_divergence a drop is worse). LPIPS with a random backbone
+(lpips_allow_random) is labelled "not comparable" wherever its numbers appear.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from models.flow_matching import GUIDANCE
+from models.hub import SetupError
+from tasks import train_state
+from tasks.generate import GenerateError, find_checkpoint, read_meta, resolve_device, trained_scale
+from tasks.params import ParamsError, as_dict, load_section
+from tasks.store import atomic_write, atomic_write_json
+from tasks.validate_suite import HIGHER_IS_BETTER, LPIPS_MIN, TESTS, Sample, stats
+
+log = logging.getLogger("niche.validate")
+HISTORY_COLUMNS = ("step", "reconstruction_lpips", "dino_swap_lpips", "text_manipulation_lpips",
+                   "cfg_divergence_lpips", "reconstruction_p90", "comparable")
+DVC_METRICS = Path("metrics/validate.json")
+
+
+class ValidateError(SetupError):
+    """Something the person running validate fixes: the command stops with the message alone."""
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    run: str = "nanodit"                  # runs/<run>/
+    checkpoint: str = "latest"            # latest | a step number | a checkpoint or run folder
+    weights: Literal["ema", "model"] = "ema"
+    holdout: int = 25                     # the first N samples of the holdout split
+    seed: int = 42                        # the loader's order; image i's noise is seed + i
+    steps: int = 30                       # Euler steps
+    guidance: str = "cfg"                 # none | cfg | self | dual
+    scale: float = 3.0
+    image_scale: float | None = None      # None: the scale the checkpoint trained at
+    text_edits: tuple[tuple[str, str], ...] = (("left", "right"), ("woman", "man"), ("black", "white"),
+                                               ("standing", "sitting"), ("red", "blue"))
+    lpips_net: str = "alex"               # alex | vgg | squeeze
+    lpips_backbone: str | None = None     # torchvision's ImageNet checkpoint; None: its hub cache
+    lpips_allow_random: bool = False      # tests only: a random backbone, numbers not comparable
+    alarm_jump: float = 0.1               # reconstruction mean rise since the previous step
+    regress_margin: float = 0.05          # worse than the run's best by more than this: a flag
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shards: str = "data/shards"
+
+    def validate(self) -> None:
+        for k in ("holdout", "steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"validate.{k}: expected >= 1, got {getattr(self, k)}")
+        if self.seed < 0:
+            raise ValueError(f"validate.seed: expected >= 0, got {self.seed}")
+        if self.guidance not in GUIDANCE:
+            raise ValueError(f"validate.guidance: expected one of {', '.join(GUIDANCE)}, got {self.guidance!r}")
+        if self.lpips_net not in ("alex", "vgg", "squeeze"):
+            raise ValueError(f"validate.lpips_net: expected alex, vgg or squeeze, got {self.lpips_net!r}")
+        if self.image_scale is not None and not 0 < self.image_scale <= 1:
+            raise ValueError(f"validate.image_scale: expected null or 0 < scale <= 1, got {self.image_scale}")
+        for k in ("scale", "alarm_jump"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"validate.{k}: expected > 0, got {getattr(self, k)}")
+        if self.regress_margin < 0:
+            raise ValueError(f"validate.regress_margin: expected >= 0, got {self.regress_margin}")
+        for i, pair in enumerate(self.text_edits):
+            if not all(w.strip() for w in pair) or pair[0].lower() == pair[1].lower():
+                raise ValueError(f"validate.text_edits[{i}]: expected two different words, got {list(pair)}")
+        if not self.checkpoint.strip():
+            raise ValueError("validate.checkpoint: expected latest, a step number or a path")
+
+
+# ---------------------------------------------------------------- inputs
+def resolve_checkpoint(p: ValidateParams, root: Path, spec: str | Path | None = None) -> Path:
+    spec = str(p.checkpoint if spec is None else spec)
+    checkpoints = root / "runs" / p.run / "checkpoints"
+    if spec == "latest":
+        found = train_state.latest(checkpoints)
+        if found is None:
+            raise ValidateError(f"validate.checkpoint latest: no finished checkpoint in {checkpoints} "
+                                "(train first, or name a checkpoint folder)")
+        return found
+    if spec.isdigit():
+        folder = checkpoints / f"step-{int(spec):06d}"
+        if not (folder / "meta.json").is_file():
+            have = ", ".join(str(s) for s, _ in train_state.step_dirs(checkpoints)) or "none"
+            raise ValidateError(f"validate.checkpoint {spec}: no {folder} (steps here: {have})")
+        return folder
+    path = Path(spec).expanduser()
+    try:
+        return find_checkpoint(path if path.is_absolute() else root / path)
+    except GenerateError as e:
+        raise ValidateError(f"validate.checkpoint: {str(e).removeprefix('--checkpoint ')}") from None
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run a checkpoint belongs to (runs/<run>/checkpoints/step-N → runs/<run>)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def load_samples(p: ValidateParams, root: Path) -> tuple[list[Sample], str]:
+    from tasks.loader import ShardLoader
+
+    shards = p.shards if "://" in p.shards else str(root / p.shards)
+    problem = None
+    for split in ("holdout", "train"):
+        try:
+            found = []
+            with ShardLoader(shards, split=split, batch_size=1, seed=p.seed, num_workers=0,
+                             shuffle_buffer=0, on_error="skip") as loader:
+                for batch in loader:
+                    found.append(Sample(batch["ids"][0], batch["captions"][0], batch["bucket"], batch))
+                    if len(found) == p.holdout:
+                        break
+        except ValueError as e:  # no shards.parquet, or no such split
+            problem = e
+            continue
+        if found:
+            if split != "holdout":
+                log.warning("validate: no holdout samples (%s); validating on the first %d TRAIN samples, "
+                            "which the model has seen", problem or "none readable", len(found))
+            return found, split
+    raise ValidateError(f"validate.shards {p.shards}: no readable samples ({problem})")
+
+
+def open_lpips(p: ValidateParams, root: Path, device: str):
+    from models.lpips_metric import LPIPSMetric
+
+    backbone = p.lpips_backbone
+    if backbone is not None and not Path(backbone).expanduser().is_absolute() and (root / backbone).exists():
+        backbone = str(root / backbone)
+    metric = LPIPSMetric(net=p.lpips_net, backbone=backbone, allow_random=p.lpips_allow_random, device=device)
+    label = metric.label if metric.comparable or "not comparable" in metric.label \
+        else f"{metric.label} (not comparable)"
+    return metric, {"net": p.lpips_net, "label": label, "comparable": bool(metric.comparable)}
+
+
+# ---------------------------------------------------------------- history
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")), delimiter="\t"):
+        row = {"step": int(r["step"]), "comparable": str(r.get("comparable", "")).lower() == "true"}
+        for k in HISTORY_COLUMNS[1:-1]:
+            row[k] = float(r[k]) if r.get(k) not in (None, "", "nan") else None
+        rows.append(row)
+    return rows
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    out = io.StringIO()
+    w = csv.writer(out, delimiter="\t", lineterminator="\n")
+    w.writerow(HISTORY_COLUMNS)
+    for r in sorted(rows, key=lambda r: r["step"]):
+        w.writerow([r["step"], *("" if r[k] is None else f"{r[k]:.6f}" for k in HISTORY_COLUMNS[1:-1]),
+                    "true" if r["comparable"] else "false"])
+    text = out.getvalue()
+    atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
+
+
+def history_row(step: int, tests: dict, comparable: bool) -> dict:
+    row = {"step": step, "comparable": comparable, "reconstruction_p90": tests["reconstruction"]["p90"]}
+    row.update({f"{t}_lpips": tests[t]["mean"] for t in TESTS})
+    return row
+
+
+def summarise(results: dict) -> dict:
+    """Per check: the statistics, samples skipped, and every image's values."""
+    tests = {}
+    for name, r in results.items():
+        tests[name] = {**stats(r.values.values()), "skipped": r.skipped, "per_image": dict(r.values)}
+        for extra, values in r.extra.items():
+            tests[name][f"per_image_{extra}"] = values
+        if name == "dino_swap":  # the distance to the text source, beside the one to the style source
+            tests[name]["to_text_source"] = stats(r.extra["to_text_source"].values())
+    return tests
+
+
+def judge(row: dict, earlier: list[dict], p: ValidateParams) -> tuple[list[str], list[str]]:
+    """(alarms, flags) of one step against the run's earlier steps (of the same comparability)."""
+    alarms, flags = [], []
+    earlier = [r for r in earlier if r["step"] < row["step"] and r["comparable"] == row["comparable"]]
+    prev = max(earlier, key=lambda r: r["step"], default=None)
+    cur, before = row["reconstruction_lpips"], prev and prev["reconstruction_lpips"]
+    if cur is not None and before is not None and cur - before > p.alarm_jump:
+        alarms.append(f"reconstruction LPIPS rose from {before:.4f} (step {prev['step']}) to {cur:.4f} "
+                      f"(step {row['step']}): +{cur - before:.4f} > validate.alarm_jump {p.alarm_jump:g}")
+    for test in TESTS:
+        key, value = f"{test}_lpips", row[f"{test}_lpips"]
+        seen = [r for r in earlier if r[key] is not None]
+        if value is None or not seen:
+            continue
+        higher = test in HIGHER_IS_BETTER
+        best = min(seen, key=lambda r: (-r[key] if higher else r[key], r["step"]))  # ties: the earliest
+        gap = best[key] - value if higher else value - best[key]
+        if gap > p.regress_margin:
+            flags.append(f"{key} {value:.4f} is worse than the run's best {best[key]:.4f} (step {best['step']}) "
+                         f"by {gap:.4f} > validate.regress_margin {p.regress_margin:g} "
+                         f"({'higher' if higher else 'lower'} is better)")
+    return alarms, flags
+
+
+# ---------------------------------------------------------------- the run
+def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path | None = None,
+             skip_validated: bool = False) -> dict:
+    """Validate one checkpoint; returns the metrics (see the module doc)."""
+    from models.nanodit import NanoDiT
+    from tasks.generate import encode_text
+    from tasks.train_log import grid, save_png
+    from tasks.validate_suite import Suite
+
+    t0, root = time.perf_counter(), Path(root)
+    ckpt = resolve_checkpoint(p, root, checkpoint)
+    meta = read_meta(ckpt)
+    if "step" not in meta:
+        raise ValidateError(f"{ckpt / 'meta.json'}: no step")
+    step, run_dir = int(meta["step"]), run_dir_of(ckpt)
+    out_dir, history_file = run_dir / "validation" / f"step-{step:06d}", run_dir / "validation" / "history.tsv"
+    history = read_history(history_file)
+    if skip_validated and any(r["step"] == step for r in history):
+        log.info("validate: step %d of %s is in %s already; nothing to do", step, run_dir, history_file)
+        done = out_dir / "metrics.json"
+        doc = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {"step": step}
+        return {**doc, "already_validated": True}
+
+    try:
+        device = resolve_device(p.device)
+    except GenerateError as e:
+        raise ValidateError(f"validate.device: {e}") from None
+    lpips, lpips_info = open_lpips(p, root, device)  # before anything slow: missing weights stop here
+    (log.info if lpips_info["comparable"] else log.warning)("validate: distances are %s", lpips_info["label"])
+    weights_dir = ckpt / p.weights
+    if not (weights_dir / "config.json").is_file():
+        raise ValidateError(f"validate.weights {p.weights}: {ckpt} has no {p.weights}/config.json")
+    samples, split = load_samples(p, root)
+    model = NanoDiT.from_pretrained(weights_dir).to(device).eval().requires_grad_(False)
+    first = samples[0].batch
+    for name, key, have in (("text_dim", "t5", first["t5"].shape[-1]), ("dino_dim", "dino_cls",
+                                                                         first["dino_cls"].shape[-1])):
+        if have != getattr(model.config, name):
+            raise ValidateError(f"validate.shards {p.shards}: {key} is {have} wide but {ckpt} expects {name} "
+                                f"{getattr(model.config, name)}: not the data this checkpoint was trained on")
+
+    scale = p.image_scale if p.image_scale is not None else trained_scale(meta)
+    sampling = meta.get("sampling") or {}
+    settings = dict(steps=p.steps, guidance=p.guidance, scale=p.scale,
+                    scale_dino=float(sampling.get("scale_dino", 1.5)), route=float(sampling.get("route", 0.5)),
+                    shift=float(sampling.get("shift", 1.0)))
+    bf16 = device == "cuda" and (meta.get("params") or {}).get("precision", "auto") != "fp32"
+    log.info("validate: %s (step %d, %s weights) on %s; %d %s samples at scale %g; %s", ckpt, step, p.weights,
+             device, len(samples), split, scale, ", ".join(f"{k} {v}" for k, v in settings.items()))
+    suite = Suite(model, lpips, samples, scale=scale, device=device, sampling=settings, seed=p.seed,
+                  encode=lambda text: encode_text(meta, ckpt, text, device), edits=p.text_edits, bf16=bf16)
+    results = suite.run()
+
+    tests = summarise(results)
+    row = history_row(step, tests, lpips_info["comparable"])
+    alarms, flags = judge(row, [r for r in history if r["step"] != step], p)
+    if split != "holdout":
+        flags.insert(0, f"split: no holdout samples in {p.shards}; validated on {len(samples)} TRAIN samples "
+                        "(seen in training: reconstruction looks better than it is)")
+    for msg in alarms + flags:
+        log.warning("validate: %s", msg)
+    if suite.upscaled > 1:
+        lpips_info["upscaled"] = suite.upscaled
+        log.info("validate: images under %d px a side were enlarged %dx (nearest) for LPIPS", LPIPS_MIN,
+                 suite.upscaled)
+
+    own = run_dir.resolve() == (root / "runs" / p.run).resolve()
+    try:
+        shown_ckpt = str(ckpt.resolve().relative_to(root.resolve()))
+    except ValueError:
+        shown_ckpt = str(ckpt.resolve())
+    doc = {"run": run_dir.name, "checkpoint": shown_ckpt, "step": step, "weights": p.weights, "split": split,
+           "samples": len(samples), "seed": p.seed, "image_scale": scale, "sampling": settings,
+           "text_edits": as_dict(p)["text_edits"], "lpips": lpips_info, "tests": tests, "alarms": alarms,
+           "flags": flags, "seconds": round(time.perf_counter() - t0, 3)}
+    for name, r in results.items():
+        if r.rows:
+            save_png(out_dir / f"{name}.png", grid(r.rows))
+        else:  # nothing to show (every sample skipped): no grid left from an earlier validation either
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
+    atomic_write_json(out_dir / "metrics.json", doc)
+    write_history(history_file, [r for r in history if r["step"] != step] + [row])
+    if own:
+        summary = dict(doc, tests={k: {f: v for f, v in t.items() if not f.startswith("per_image")}
+                                   for k, t in tests.items()})
+        atomic_write_json(root / DVC_METRICS, summary)
+    else:
+        log.info("validate: %s is not runs/%s: %s left as it is", run_dir, p.run, DVC_METRICS)
+    note = "" if lpips_info["comparable"] else f" [{lpips_info['label']}]"
+    for name in TESTS:
+        t = tests[name]
+        if t["n"]:
+            log.info("validate: %s LPIPS mean %.4f (p10 %.4f, p90 %.4f) over %d image(s), %d skipped%s", name,
+                     t["mean"], t["p10"], t["p90"], t["n"], t["skipped"], note)
+        else:
+            log.warning("validate: %s: no image to compare (%d skipped)", name, t["skipped"])
+    log.info("validate: wrote %s and %s (%.1f s)", out_dir, history_file, doc["seconds"])
+    return {**doc, "already_validated": False}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tasks.stage import setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.validate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--checkpoint", help="latest, a step number, or a checkpoint / run folder "
+                    "(default: validate.checkpoint)")
+    ap.add_argument("--skip-validated", action="store_true", help="do nothing when history.tsv has the step")
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        p = load_section(ValidateParams, "validate", args.params)
+    except (ParamsError, ValueError) as e:
+        sys.exit(f"{args.params}: {e}")
+    try:
+        result = validate(p, checkpoint=args.checkpoint, skip_validated=args.skip_validated)
+    except SetupError as e:
+        sys.exit(f"validate: {e}")
+    if not result["already_validated"]:
+        log.info("validate: step %d: %d alarm(s), %d flag(s)", result["step"], len(result["alarms"]),
+                 len(result["flags"]))
+
+
+if __name__ == "__main__":
+    main()
