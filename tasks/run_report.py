@@ -1,0 +1,736 @@
+"""One self-contained HTML page per training run: the page a person opens to see how it goes.
+
+    python -m tasks.run_report [--run runs/nanodit] [--out runs/nanodit/report.html]
+
+It reads what the trainer, the validation and the sweep leave in runs/<run>/:
+
+    live/metrics.json, live/plots/metrics/**.tsv    dvclive: the latest values, one row per logged step
+    samples/step-NNNNNN.png                         the fixed 4-image grid (conditioning on top, EMA samples below)
+    validation/history.tsv                          LPIPS per validated step, and whether it is comparable
+    validation/step-NNNNNN/metrics.json, *.png      the latest validation: per-test stats, alarms, flags, grids
+    sweep.png, sweep.json                           the checkpoint sweep grid
+    checkpoints/step-NNNNNN/meta.json               the settings the run was trained with
+
+and writes one HTML file (atomically) that renders offline: no scripts, no external
+CSS or fonts, images as base64 data URIs (downscaled with PIL), charts as inline SVG
+drawn here. Anything missing (no validation yet, no sweep) is a short note on the
+page; a file that cannot be read is a note too, never a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from PIL import Image
+
+from tasks.store import atomic_write
+
+log = logging.getLogger("niche.report")
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+STEP_RE = re.compile(r"^step-(\d+)$")
+LPIPS_TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
+HIGHER_IS_BETTER = frozenset({"text_manipulation", "cfg_divergence"})  # as tasks/validate_suite.py (no torch here)
+SETTINGS = ("preset", "steps", "lr", "optimizer", "tread", "repa", "image_scale")
+MORE_SETTINGS = ("batch_size", "grad_accum", "min_lr", "warmup_steps", "repa_weight", "tread_rate", "seed")
+LATEST_WIDTH, THUMB_WIDTH, EARLIER_SAMPLES = 1024, 320, 6
+WIDE, SMALL = {"width": 1170, "height": 380}, {"width": 285, "height": 210}
+MAX_POINTS = 1500          # per polyline; longer series are reduced to per-bucket min/max
+
+
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+# ---------------------------------------------------------------- reading the run folder
+
+def _float(s: Any) -> float | None:
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    """Rows of a tab-separated file with a header; [] when it is missing or empty."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return [row for row in csv.DictReader(f, delimiter="\t") if row]
+
+
+def read_series(path: Path) -> tuple[list[float], list[float]]:
+    """(steps, values) of a dvclive TSV (`step\\t<name>`, maybe with a timestamp column);
+    rows whose step or value is not a finite number are left out."""
+    rows = read_tsv(path)
+    if not rows:
+        return [], []
+    cols = list(rows[0].keys())
+    value_col = path.stem if path.stem in cols else next(
+        (c for c in reversed(cols) if c not in ("step", "timestamp")), None)
+    if value_col is None or "step" not in cols:
+        return [], []
+    xs, ys = [], []
+    for r in rows:
+        x, y = _float(r.get("step")), _float(r.get(value_col))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def step_entries(folder: Path, suffix: str = "") -> list[tuple[int, Path]]:
+    """(step, path) of the `step-NNNNNN<suffix>` entries in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        name = p.name[:-len(suffix)] if suffix and p.name.endswith(suffix) else (None if suffix else p.name)
+        m = STEP_RE.match(name) if name else None
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        return {prefix: doc} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+
+
+def fmt(v: Any) -> str:
+    """A number for a person: 4 significant digits, integers as integers."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "–"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v == int(v) and abs(v) < 1e6:
+            return f"{int(v):,}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ---------------------------------------------------------------- images
+
+def data_uri(path: Path, max_width: int) -> tuple[str, int, int]:
+    """The image as a data URI no wider than max_width: PNG or JPEG, whichever is smaller."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "P", "PA"):
+            im = im.convert("RGBA")
+            sheet = Image.new("RGB", im.size, "white")
+            sheet.paste(im, mask=im.getchannel("A"))
+            im = sheet
+        elif im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        if im.width > max_width:
+            im = im.resize((max_width, max(1, round(im.height * max_width / im.width))), Image.Resampling.LANCZOS)
+        best = None
+        for fmt_name, kwargs in (("png", {}), ("jpeg", {"quality": 88})):
+            buf = io.BytesIO()
+            im.save(buf, format=fmt_name.upper(), **kwargs)
+            if best is None or buf.tell() < len(best[1]):
+                best = (fmt_name, buf.getvalue())
+        fmt_name, data = best
+        return f"data:image/{fmt_name};base64,{base64.b64encode(data).decode('ascii')}", im.width, im.height
+
+
+def figure(path: Path, caption: str, max_width: int, cls: str = "") -> str:
+    uri, w, h = data_uri(path, max_width)
+    return (f'<figure class="{cls}"><img src="{uri}" width="{w}" height="{h}" alt="{esc(caption)}">'
+            f'<figcaption>{esc(caption)}</figcaption></figure>')
+
+
+# ---------------------------------------------------------------- SVG charts
+
+@dataclass
+class Series:
+    name: str
+    xs: list[float]
+    ys: list[float]
+    color: str | None = None
+    dashed: bool = False
+    points: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+
+def nice_step(span: float, target: int = 5) -> float:
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def linear_ticks(lo: float, hi: float, target: int = 5) -> tuple[float, float, list[float]]:
+    """A domain widened to round numbers and the ticks in it."""
+    if hi <= lo:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    step = nice_step(hi - lo, target)
+    lo2, hi2 = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    n = int(round((hi2 - lo2) / step))
+    return lo2, hi2, [lo2 + i * step for i in range(n + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
+    """A log10 domain (in exponents) and the ticks (values) in it."""
+    a, b = math.log10(lo), math.log10(hi)
+    pad = (b - a) * 0.04 or 0.1
+    a, b = a - pad, b + pad
+    for mults in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10 ** e for e in range(math.floor(a), math.ceil(b) + 1) for m in mults
+                 if a <= math.log10(m * 10 ** e) <= b]
+        if len(ticks) >= 3:
+            break
+    if len(ticks) > 10:
+        ticks = ticks[::math.ceil(len(ticks) / 8)]
+    return a, b, ticks
+
+
+def tick_label(v: float, step_axis: bool = False) -> str:
+    if step_axis:
+        if abs(v) >= 1000:
+            s = f"{v / 1000:.1f}".rstrip("0").rstrip(".")
+            return f"{s}k"
+        return f"{v:g}"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    return f"{v:.3g}"
+
+
+def reduce_points(xs: list[float], ys: list[float], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
+    """At most ~limit points: each bucket keeps its min and max (in step order), so spikes survive."""
+    pts = sorted(zip(xs, ys))
+    if len(pts) <= limit:
+        return pts
+    size = math.ceil(len(pts) / (limit // 2))
+    out = []
+    for i in range(0, len(pts), size):
+        bucket = pts[i:i + size]
+        lo, hi = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
+        out.extend(sorted({lo, hi}))
+    if out[-1] != pts[-1]:
+        out.append(pts[-1])
+    return out
+
+
+def svg_chart(title: str, series: Iterable[Series], *, y_label: str = "", x_label: str = "step",
+              log_y: bool | None = None, width: int = 600, height: int = 300) -> str:
+    """An inline SVG line chart: axes, ticks, labels, one polyline per series, a legend.
+    log_y None: a log axis when every value is positive and they span more than 20x."""
+    series = [s for s in series if s.xs]
+    if not series:
+        return note(f"{title}: no data yet.")
+    for i, s in enumerate(series):
+        s.color = s.color or PALETTE[i % len(PALETTE)]
+    all_y = [y for s in series for y in s.ys]
+    if log_y is None:
+        log_y = min(all_y) > 0 and max(all_y) / min(all_y) > 20
+    if log_y:
+        for s in series:
+            s.points = reduce_points(*zip(*[(x, y) for x, y in zip(s.xs, s.ys) if y > 0])) if any(
+                y > 0 for y in s.ys) else []
+    else:
+        for s in series:
+            s.points = reduce_points(s.xs, s.ys)
+    series = [s for s in series if s.points]
+    if not series:
+        return note(f"{title}: no positive values to draw on a log axis.")
+
+    # legend rows, laid out in the space above the plot
+    char_w, left, right, bottom = 6.6, (66 if width >= 400 else 50), 18, 44
+    rows: list[list[tuple[Series, str, float]]] = [[]]
+    row_w = 0.0
+    for s in series:
+        label = f"{s.name}  {tick_label(s.points[-1][1])}"
+        w = 26 + len(label) * char_w + 16
+        if rows[-1] and row_w + w > width - left - right:
+            rows.append([])
+            row_w = 0.0
+        rows[-1].append((s, label, row_w))
+        row_w += w
+    top = 34 + 18 * len(rows) + 6
+    pw, ph = width - left - right, height - top - bottom
+
+    xs = [p[0] for s in series for p in s.points]
+    ys = [p[1] for s in series for p in s.points]
+    x0, x1, xticks = linear_ticks(min(xs), max(xs), 6)
+    if min(xs) >= 0 > x0:
+        x0 = 0.0
+    if log_y:
+        y0, y1, yticks = log_ticks(min(ys), max(ys))
+        ty = math.log10
+    else:
+        y0, y1, yticks = linear_ticks(min(ys), max(ys), 5)
+        ty = float
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y: float) -> float:
+        return top + ph - (ty(y) - y0) / (y1 - y0) * ph
+
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+           f'role="img" aria-label="{esc(title)}">',
+           f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>',
+           f'<text class="ct" x="{left}" y="22">{esc(title)}</text>']
+    for r, row in enumerate(rows):
+        ly = 34 + 18 * r + 9
+        for s, label, off in row:
+            lx = left + off
+            dash = ' stroke-dasharray="5 3"' if s.dashed else ""
+            out.append(f'<line x1="{lx:.1f}" y1="{ly}" x2="{lx + 20:.1f}" y2="{ly}" stroke="{s.color}" '
+                       f'stroke-width="2.5"{dash}/><text class="lg" x="{lx + 26:.1f}" y="{ly + 4}">{esc(label)}</text>')
+    # grid and ticks
+    for t in yticks:
+        y = py(t)
+        out.append(f'<line class="gr" x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"/>'
+                   f'<text class="tk" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{esc(tick_label(t))}</text>')
+    for t in xticks:
+        if not x0 <= t <= x1:
+            continue
+        x = px(t)
+        out.append(f'<line class="gr" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}"/>'
+                   f'<text class="tk" x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">'
+                   f'{esc(tick_label(t, step_axis=True))}</text>')
+    out.append(f'<line class="ax" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>'
+               f'<line class="ax" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>'
+               f'<text class="al" x="{left + pw / 2:.1f}" y="{height - 8}" text-anchor="middle">{esc(x_label)}</text>')
+    if y_label or log_y:
+        yl = f"{y_label} (log)" if log_y else y_label
+        out.append(f'<text class="al" transform="translate(14 {top + ph / 2:.1f}) rotate(-90)" '
+                   f'text-anchor="middle">{esc(yl.strip())}</text>')
+    # data
+    for s in series:
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s.points)
+        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
+        out.append(f'<polyline fill="none" stroke="{s.color}" stroke-width="2" stroke-linejoin="round" '
+                   f'stroke-linecap="round"{dash} points="{pts}"><title>{esc(s.name)}</title></polyline>')
+        if len(s.points) <= 40:
+            out.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{s.color}">'
+                       f'<title>{esc(s.name)} @ {fmt(x)}: {fmt(y)}</title></circle>' for x, y in s.points)
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- page sections
+
+@dataclass
+class Run:
+    dir: Path
+    metrics_dir: Path
+    summary: dict
+    meta: dict | None
+    meta_step: int | None
+    history: list[dict[str, str]]
+    validation_dir: Path | None     # the newest validation/step-* with metrics.json (else with PNGs)
+    validation: dict | None
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Run":
+        def guarded(what: str, fn: Callable[[], Any], default: Any) -> Any:
+            try:
+                return fn()
+            except Exception as e:  # a half-written or malformed file is a note, not a crash
+                log.warning("run report: cannot read %s: %s", what, e)
+                return default
+
+        summary = guarded("live/metrics.json", lambda: read_json(run_dir / "live" / "metrics.json"), None)
+        ckpts = [(s, p) for s, p in step_entries(run_dir / "checkpoints") if (p / "meta.json").is_file()]
+        meta, meta_step = None, None
+        if ckpts:
+            meta_step = ckpts[-1][0]
+            meta = guarded("checkpoint meta.json", lambda: read_json(ckpts[-1][1] / "meta.json"), None)
+        history = guarded("validation/history.tsv", lambda: read_tsv(run_dir / "validation" / "history.tsv"), [])
+        vdirs = [p for _, p in step_entries(run_dir / "validation") if p.is_dir()]
+        with_metrics = [p for p in vdirs if (p / "metrics.json").is_file()]
+        with_pngs = [p for p in vdirs if any(p.glob("*.png"))]
+        vdir = with_metrics[-1] if with_metrics else (with_pngs[-1] if with_pngs else None)
+        validation = None
+        if vdir is not None and (vdir / "metrics.json").is_file():
+            validation = guarded(f"{vdir.name}/metrics.json", lambda: read_json(vdir / "metrics.json"), None)
+        return cls(run_dir, run_dir / "live" / "plots" / "metrics", summary if isinstance(summary, dict) else {},
+                   meta if isinstance(meta, dict) else None, meta_step, history, vdir,
+                   validation if isinstance(validation, dict) else None)
+
+    def series(self, rel: str, name: str | None = None, **kw: Any) -> Series:
+        xs, ys = read_series(self.metrics_dir / rel)
+        return Series(name or Path(rel).stem, xs, ys, **kw)
+
+    @property
+    def params(self) -> dict:
+        p = (self.meta or {}).get("params")
+        return p if isinstance(p, dict) else {}
+
+    def newest_step(self) -> int | None:
+        candidates = []
+        if isinstance(self.summary.get("step"), (int, float)):
+            candidates.append(int(self.summary["step"]))
+        xs, _ = read_series(self.metrics_dir / "train" / "loss.tsv")
+        if xs:
+            candidates.append(int(max(xs)))
+        if self.meta_step is not None:
+            candidates.append(self.meta_step)
+        return max(candidates) if candidates else None
+
+    def not_comparable_steps(self) -> list[str]:
+        steps = [r.get("step", "?") for r in self.history
+                 if str(r.get("comparable", "")).strip().lower() in ("false", "0", "no")]
+        lp = (self.validation or {}).get("lpips")
+        if isinstance(lp, dict) and lp.get("comparable") is False:
+            s = str(self.validation.get("step", self.validation_dir.name if self.validation_dir else "?"))
+            if s not in steps:
+                steps.append(s)
+        return steps
+
+
+def section_header(run: Run) -> str:
+    step = run.newest_step()
+    total = run.params.get("steps")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    progress = ""
+    if step is not None and isinstance(total, (int, float)) and total > 0:
+        pct = max(0.0, min(100.0, 100.0 * step / total))
+        progress = (f'<div class="progress" title="{pct:.1f}%"><div style="width:{pct:.2f}%"></div></div>'
+                    f'<span class="muted">{fmt(step)} / {fmt(int(total))} steps ({pct:.1f}%)</span>')
+    step_txt = fmt(step) if step is not None else "none yet"
+    chips = []
+    flat = _flatten({k: v for k, v in run.summary.items() if k != "step"})
+    for k, v in flat.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            chips.append(f'<span class="chip"><b>{esc(k)}</b> {esc(fmt(v))}</span>')
+    latest = ('<div class="chips">' + "".join(chips) + "</div>") if chips else note(
+        "No metrics yet (live/metrics.json not found).")
+    return (f'<header><h1>{esc(run.dir.resolve().name)}</h1>'
+            f'<div class="meta"><span>newest step <b>{esc(step_txt)}</b></span>'
+            f'<span>generated {esc(now)}</span><span class="muted">{esc(str(run.dir))}</span></div>'
+            f'{progress}{latest}</header>')
+
+
+def banner(run: Run) -> str:
+    steps = run.not_comparable_steps()
+    if not steps:
+        return ""
+    lp = (run.validation or {}).get("lpips")
+    label = lp.get("label") if isinstance(lp, dict) else None
+    which = f" (validated step{'s' if len(steps) > 1 else ''} {', '.join(steps)})"
+    lab = f" Backbone: {esc(label)}." if label else ""
+    some = "The" if len(steps) >= len(run.history) else "Some"
+    return (f'<div class="banner" role="alert"><b>LPIPS not comparable.</b> {some} LPIPS numbers on this page'
+            f'{esc(which)} were computed with a random (untrained) backbone: they are not comparable with '
+            f'other runs or published LPIPS values, only loosely with each other.{lab}</div>')
+
+
+def section_settings(run: Run) -> str:
+    p = run.params
+    if not p:
+        return note("No checkpoint yet (checkpoints/step-*/meta.json not found): settings unknown.")
+    cells = []
+    for k in SETTINGS + MORE_SETTINGS:
+        if k in p:
+            cells.append(f'<div class="kv"><span>{esc(k)}</span><b>{esc(fmt(p[k]))}</b></div>')
+    if run.meta and "world_size" in run.meta:
+        cells.append(f'<div class="kv"><span>world_size</span><b>{esc(fmt(run.meta["world_size"]))}</b></div>')
+    rest = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>" for k, v in sorted(p.items()))
+    return (f'<p class="muted">From checkpoint step-{run.meta_step:06d}.</p><div class="kvs">{"".join(cells)}</div>'
+            f'<details><summary>all {len(p)} parameters</summary><table class="params">{rest}</table></details>')
+
+
+def section_training(run: Run) -> str:
+    loss = svg_chart("Loss", [run.series("train/loss.tsv"), run.series("train/mse.tsv"),
+                              run.series("train/repa_loss.tsv")], y_label="loss", **WIDE)
+    if loss.startswith('<p class="note">'):
+        return note("No training metrics yet (live/plots/metrics/train/loss.tsv not found).")
+    lr = svg_chart("Learning rate", [run.series("train/lr.tsv")], y_label="lr", log_y=False)
+    gn = svg_chart("Gradient norm", [run.series("train/grad_norm.tsv", color=PALETTE[3])], y_label="norm")
+    others = [svg_chart("Velocity RMS", [run.series("train/velocity_rms.tsv", "rms", color=PALETTE[4])], **SMALL),
+              svg_chart("Throughput", [run.series("sys/samples_per_s.tsv", "samples/s", color=PALETTE[2])],
+                        log_y=False, **SMALL),
+              svg_chart("Peak memory", [run.series("memory/peak_gb.tsv", "GB", color=PALETTE[5])],
+                        log_y=False, **SMALL),
+              svg_chart("Skipped steps", [run.series("train/skipped_steps.tsv", "total", color=PALETTE[1])],
+                        log_y=False, **SMALL)]
+    return (f'<div class="wide">{loss}</div><div class="grid2">{lr}{gn}</div>'
+            f'<div class="grid4">{"".join(others)}</div>')
+
+
+def validation_tests(validation: dict | None) -> dict[str, dict]:
+    """The per-test statistics of a validation metrics.json, in the suite's order: tasks/validate.py
+    nests them under "tests"; a flat file has them at the top level."""
+    doc = validation or {}
+    src = doc["tests"] if isinstance(doc.get("tests"), dict) else doc
+    found = {k: v for k, v in src.items() if isinstance(v, dict) and "mean" in v}
+    return {k: found[k] for k in sorted(found, key=lambda k: (k not in LPIPS_TESTS,
+                                                               LPIPS_TESTS.index(k) if k in LPIPS_TESTS else 0, k))}
+
+
+def section_validation(run: Run) -> str:
+    parts = []
+    if run.history:
+        cols = [c for c in run.history[0].keys() if c and c.endswith("_lpips")]
+        series = []
+        for i, c in enumerate(cols):
+            xs, ys = [], []
+            for r in run.history:
+                x, y = _float(r.get("step")), _float(r.get(c))
+                if x is not None and y is not None:
+                    xs.append(x)
+                    ys.append(y)
+            series.append(Series(c[: -len("_lpips")], xs, ys, PALETTE[i % len(PALETTE)]))
+        if "reconstruction_p90" in run.history[0]:
+            xs, ys = [], []
+            for r in run.history:
+                x, y = _float(r.get("step")), _float(r.get("reconstruction_p90"))
+                if x is not None and y is not None:
+                    xs.append(x)
+                    ys.append(y)
+            series.append(Series("reconstruction p90", xs, ys, PALETTE[0], dashed=True))
+        title = "LPIPS per validation" + (" (not comparable)" if run.not_comparable_steps() else "")
+        parts.append(f'<div class="wide">{svg_chart(title, series, y_label="LPIPS", log_y=False, **WIDE)}</div>')
+    else:
+        parts.append(note("No validation yet (validation/history.tsv not found)."))
+
+    v = run.validation
+    if v is not None:
+        step = v.get("step", run.validation_dir.name if run.validation_dir else "?")
+        lp = v.get("lpips") if isinstance(v.get("lpips"), dict) else {}
+        head = f"<h3>Latest validation: step {esc(fmt(step))}</h3>"
+        context = [f"{k} {fmt(v[k])}" for k in ("checkpoint", "split", "samples", "weights") if k in v]
+        if lp.get("label"):
+            comp = lp.get("comparable")
+            tag = ('<span class="tag bad">random backbone</span>' if comp is False
+                   else '<span class="tag ok">comparable</span>' if comp is True else "")
+            context.append(f"LPIPS {lp['label']}")
+        else:
+            tag = ""
+        if context:
+            head += f'<p class="muted">{esc(" · ".join(context))} {tag}</p>'
+        tests = validation_tests(v)
+        cols = ["n", "mean", "p50", "p90", "max"] + (["skipped"] if any("skipped" in t for t in tests.values()) else [])
+        rows = []
+        for name, st in tests.items():
+            better = "higher" if name in HIGHER_IS_BETTER else "lower"
+            rows.append(f"<tr><td>{esc(name)}</td>" + "".join(
+                f'<td class="num">{esc(fmt(st.get(k)))}</td>' for k in cols) + f'<td class="muted">{better}</td></tr>')
+        table = ('<table class="stats"><thead><tr><th>test</th>' + "".join(f"<th>{c}</th>" for c in cols)
+                 + f'<th>better</th></tr></thead><tbody>{"".join(rows)}</tbody></table>') if rows else note(
+            "The latest validation has no per-test statistics.")
+        alarms, flags = ([x for x in ([v[k]] if isinstance(v.get(k), str) else v.get(k) or []) if str(x).strip()]
+                         for k in ("alarms", "flags"))
+        boxes = []
+        boxes.append(f'<div class="box alarm"><b>Alarms ({len(alarms)})</b><ul>'
+                     + "".join(f"<li>{esc(a)}</li>" for a in alarms) + "</ul></div>" if alarms
+                     else '<div class="box okbox"><b>No alarms.</b></div>')
+        boxes.append(f'<div class="box flag"><b>Flags ({len(flags)})</b><ul>'
+                     + "".join(f"<li>{esc(f)}</li>" for f in flags) + "</ul></div>" if flags
+                     else '<div class="box okbox"><b>No flags.</b></div>')
+        parts.append(head + f'<div class="valrow">{table}<div class="boxes">{"".join(boxes)}</div></div>')
+    elif run.history:
+        parts.append(note("No validation/step-*/metrics.json yet: no per-test statistics."))
+    return "".join(parts)
+
+
+def section_samples(run: Run) -> str:
+    samples = [(s, p) for s, p in step_entries(run.dir / "samples", ".png") if p.is_file()]
+    if not samples:
+        return note("No samples yet (samples/step-*.png not found).")
+    (step, latest), earlier = samples[-1], samples[:-1]
+    out = ['<p class="muted">Top row: the conditioning images; bottom row: the EMA model\'s samples.</p>',
+           figure(latest, f"step {step:,} (latest)", LATEST_WIDTH, "latest")]
+    if len(earlier) > EARLIER_SAMPLES:  # evenly spaced, the oldest and the one before the latest included
+        idx = sorted({round(i * (len(earlier) - 1) / (EARLIER_SAMPLES - 1)) for i in range(EARLIER_SAMPLES)})
+        earlier = [earlier[i] for i in idx]
+    if earlier:
+        out.append(f"<h3>Earlier ({len(earlier)} of {len(samples) - 1})</h3><div class='thumbs'>")
+        out.extend(figure(p, f"step {s:,}", THUMB_WIDTH, "thumb") for s, p in reversed(earlier))
+        out.append("</div>")
+    return "".join(out)
+
+
+def section_validation_grids(run: Run) -> str:
+    vdir = run.validation_dir
+    pngs = sorted(vdir.glob("*.png")) if vdir else []
+    if not pngs:
+        return note("No validation grids yet (validation/step-*/*.png not found).")
+    order = {t: i for i, t in enumerate(LPIPS_TESTS)}
+    pngs.sort(key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    return (f'<p class="muted">{esc(vdir.name)}</p>'
+            + "".join(figure(p, p.stem, LATEST_WIDTH, "grid") for p in pngs))
+
+
+def section_sweep(run: Run) -> str:
+    png, js = run.dir / "sweep.png", run.dir / "sweep.json"
+    if not png.is_file():
+        return note("No sweep yet (sweep.png not found).")
+    out = []
+    doc: Any = None
+    if js.is_file():
+        try:
+            doc = json.loads(js.read_text(encoding="utf-8"))
+            text = json.dumps({k: v for k, v in doc.items() if k != "sizes"} if isinstance(doc, dict) else doc,
+                              indent=2, ensure_ascii=False)
+        except (OSError, ValueError) as e:
+            text = f"cannot read sweep.json: {e}"
+    if isinstance(doc, dict) and isinstance(doc.get("rows"), list):
+        prompts, seeds = doc.get("prompts") or [], doc.get("seeds") or []
+        out.append(f'<p class="muted">Rows: {len(doc["rows"])} checkpoints (steps '
+                   f'{esc(", ".join(fmt(r) for r in doc["rows"]))}); columns: {len(prompts)} prompt(s) × '
+                   f'{len(seeds)} seed(s).</p>')
+    out.append(figure(png, "checkpoint sweep", LATEST_WIDTH, "grid"))
+    if js.is_file():
+        if len(text) > 20000:
+            text = text[:20000] + "\n…"
+        out.append(f"<details><summary>sweep.json</summary><pre>{esc(text)}</pre></details>")
+    return "".join(out)
+
+
+CSS = """
+:root{--fg:#1d2330;--muted:#667085;--line:#e4e7ec;--bg:#f6f7f9}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+ font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+main{max-width:1260px;margin:0 auto;padding:20px 24px 60px}
+header{background:#fff;border:1px solid var(--line);border-radius:10px;padding:16px 20px;margin-bottom:14px}
+h1{margin:0 0 6px;font-size:24px}
+h2{font-size:18px;margin:0 0 10px}
+h3{font-size:15px;margin:16px 0 8px}
+section{background:#fff;border:1px solid var(--line);border-radius:10px;padding:16px 20px;margin:14px 0}
+nav{margin:6px 0 0;font-size:13px}
+nav a{color:#1f5fa8;margin-right:14px;text-decoration:none}
+.meta{display:flex;flex-wrap:wrap;gap:18px;color:var(--fg)}
+.muted{color:var(--muted)}
+.note{color:var(--muted);font-style:italic;margin:6px 0}
+.chips{display:flex;flex-wrap:wrap;gap:6px;margin-top:10px}
+.chip{background:var(--bg);border:1px solid var(--line);border-radius:999px;padding:2px 10px;font-size:12px}
+.chip b{font-weight:600;color:var(--muted);margin-right:4px}
+.progress{height:8px;background:var(--line);border-radius:4px;overflow:hidden;margin:10px 0 4px;max-width:480px}
+.progress div{height:100%;background:#2ca02c}
+.banner{background:#fff4e5;border:2px solid #f08c00;color:#7a4100;border-radius:10px;padding:12px 16px;
+ margin:14px 0;font-size:15px}
+.kvs{display:flex;flex-wrap:wrap;gap:8px}
+.kv{border:1px solid var(--line);border-radius:8px;padding:6px 12px;min-width:110px}
+.kv span{display:block;color:var(--muted);font-size:12px}
+table{border-collapse:collapse}
+td,th{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{font-weight:600;color:var(--muted);font-size:12px}
+table.params td{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:12px;margin-top:12px}
+.grid4{display:grid;grid-template-columns:repeat(4,1fr);gap:12px;margin-top:12px}
+.wide svg{max-width:100%}
+svg.chart{width:100%;height:auto;display:block;border:1px solid var(--line);border-radius:8px}
+svg .ct{font-size:14px;font-weight:600;fill:#1d2330}
+svg .lg{font-size:11px;fill:#344054}
+svg .tk{font-size:11px;fill:#667085}
+svg .al{font-size:12px;fill:#475467}
+svg .gr{stroke:#eef0f3;stroke-width:1}
+svg .ax{stroke:#98a2b3;stroke-width:1}
+.valrow{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
+.boxes{flex:1;min-width:280px}
+.box{border-radius:8px;padding:8px 12px;margin-bottom:8px}
+.box ul{margin:4px 0 0;padding-left:20px}
+.alarm{background:#fdecea;border:1px solid #d92d20;color:#912018}
+.flag{background:#fffaeb;border:1px solid #f79009;color:#7a2e0e}
+.okbox{background:#ecfdf3;border:1px solid #75e0a7;color:#05603a}
+.tag{border-radius:4px;padding:1px 6px;font-size:12px}
+.tag.bad{background:#fdecea;color:#912018}.tag.ok{background:#ecfdf3;color:#05603a}
+figure{margin:8px 0}
+figure img{max-width:100%;height:auto;display:block;border:1px solid var(--line);border-radius:6px}
+figcaption{color:var(--muted);font-size:12px;margin-top:3px}
+.thumbs{display:flex;flex-wrap:wrap;gap:10px}
+.thumbs figure{margin:0}
+pre{background:var(--bg);padding:8px;border-radius:6px;overflow:auto;max-height:400px;font-size:12px}
+"""
+
+SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
+    ("settings", "Settings", section_settings),
+    ("training", "Training", section_training),
+    ("validation", "Validation", section_validation),
+    ("samples", "Samples", section_samples),
+    ("grids", "Validation grids", section_validation_grids),
+    ("sweep", "Checkpoint sweep", section_sweep),
+)
+
+
+def _safe(what: str, fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception as e:  # one unreadable file costs its section, not the page
+        log.warning("run report: %s: %s: %s", what, type(e).__name__, e)
+        return note(f"Could not render {what}: {type(e).__name__}: {e}")
+
+
+def render(run_dir: Path) -> str:
+    """The report page for run_dir as an HTML string."""
+    run = Run.load(run_dir)
+    nav = "<nav>" + "".join(f'<a href="#{sid}">{esc(t)}</a>' for sid, t, _ in SECTIONS) + "</nav>"
+    body = [_safe("header", lambda: section_header(run)).replace("</header>", nav + "</header>"),
+            _safe("banner", lambda: banner(run))]
+    for sid, title, fn in SECTIONS:
+        body.append(f'<section id="{sid}"><h2>{esc(title)}</h2>{_safe(title.lower(), lambda: fn(run))}</section>')
+    name = esc(run_dir.resolve().name)
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{name}: training report</title><style>{CSS}</style></head>'
+            f'<body><main>{"".join(body)}</main></body></html>\n')
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the run's report (default runs/<run>/report.html) atomically; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    out = Path(out) if out is not None else run_dir / "report.html"
+    page = render(run_dir)
+    atomic_write(out, lambda p: p.write_text(page, encoding="utf-8"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.run_report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/nanodit", help="the run folder (default: runs/nanodit)")
+    ap.add_argument("--out", help="the HTML file to write (default: <run>/report.html)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = write_report(Path(args.run), Path(args.out) if args.out else None)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
