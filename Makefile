@@ -7,6 +7,7 @@ STATE := $(CURDIR)/.niche
 PORT ?= 4200
 HOST := 127.0.0.1
 SAMPLES ?= 60
+NIGHTLY_CRON ?= 0 2 * * *
 
 # A local, quiet, offline Prefect: its database and logs live in .niche/.
 export PREFECT_HOME := $(STATE)/prefect
@@ -15,6 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_LOGGING_EXTRA_LOGGERS := dvc
 export DVC_NO_ANALYTICS := 1
+export NICHE_NIGHTLY_CRON := $(NIGHTLY_CRON)
 export PATH := $(BIN):$(PATH)
 
 .PHONY: demo train test venv sample server serve stop deploy-run status lock clean-demo
@@ -29,13 +31,16 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt py
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The main job: sample data -> build-dataset flow through a local Prefect
-# server, DVC recording every stage. Leaves the server up for the UI.
+# The whole job on the tiny profile: sample data -> build-dataset -> train ->
+# validate, each a flow run on a local Prefect server, DVC recording every stage.
+# Ends with the path of the run's HTML report; leaves the server up for the UI.
 demo: venv
 	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples
 	@$(BIN)/python -m tasks.profile tiny
 	@$(MAKE) --no-print-directory server
 	@$(BIN)/python -m flows.build_dataset --report
+	@$(BIN)/python -m flows.train --skip-dataset
+	@$(BIN)/python -m flows.validate
 
 # Train NanoDiT through the train flow (dataset first, as DVC says); after `make demo`
 # this is the tiny profile: a few minutes on a CPU. Samples: runs/nanodit/samples/.
@@ -82,5 +87,5 @@ lock:
 	/tmp/niche-lock/bin/python -c 'from models.lpips_metric import import_lpips; import_lpips()'
 
 clean-demo: stop
-	rm -rf data/derived data/manifest metrics dvc.lock
+	rm -rf data/derived data/manifest metrics dvc.lock runs
 	$(BIN)/python -m tasks.profile real

@@ -1,12 +1,17 @@
-"""Serve the deployments: this process executes their runs until stopped.
+"""Serve the deployments: this process creates them on the server and executes
+their runs until stopped.
 
-    python -m flows.serve          # or `make serve` (background, 127.0.0.1)
+    python -m flows.serve [--nightly-cron "0 2 * * *"]   # or `make serve` (background, 127.0.0.1)
 
-Then `prefect deployment run build-dataset/local` or `train/local`. Stopping it (SIGINT)
-pauses its deployments, as Prefect's `serve` does.
+Deployments: build-dataset/local, train/local, validate/local and
+validate-nightly/local (on the cron; $NICHE_NIGHTLY_CRON or --nightly-cron, default
+02:00 every day, the server's time zone UTC). Then e.g. `prefect deployment run
+validate/local`. Stopping it (SIGINT) pauses its deployments, as Prefect's `serve` does.
 """
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
 from prefect import serve
@@ -14,11 +19,13 @@ from prefect.deployments.runner import RunnerDeployment
 
 from flows.build_dataset import build_dataset
 from flows.train import train
+from flows.validate import validate, validate_nightly
+
+NIGHTLY_CRON = "0 2 * * *"
 
 
-def deployments(root: Path) -> list[RunnerDeployment]:
-    """Every deployment of this repo. Later flows (train, validate, the nightly
-    validation) add theirs here."""
+def deployments(root: Path, nightly_cron: str = NIGHTLY_CRON) -> list[RunnerDeployment]:
+    """Every deployment of this repo."""
     root = root.resolve()
     return [
         build_dataset.to_deployment(
@@ -33,11 +40,29 @@ def deployments(root: Path) -> list[RunnerDeployment]:
             description=f"Bring the dataset of {root} up to date, then train NanoDiT (resumes a stopped run).",
             tags=["niche", "local"],
         ),
+        validate.to_deployment(
+            name="local",
+            parameters={"root": str(root)},
+            description="Validate the newest checkpoint (the validate DVC stage), or the `checkpoint` given "
+                        "(a path or a step: back-testing); then the sweep and the HTML report.",
+            tags=["niche", "local"],
+        ),
+        validate_nightly.to_deployment(
+            name="local",
+            parameters={"root": str(root)},
+            cron=nightly_cron,
+            description="Every night: validate the active run's newest checkpoint unless already validated.",
+            tags=["niche", "local", "nightly"],
+        ),
     ]
 
 
-def main() -> None:
-    serve(*deployments(Path.cwd()))
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nightly-cron", default=os.environ.get("NICHE_NIGHTLY_CRON") or NIGHTLY_CRON,
+                    help="cron of validate-nightly/local (default: $NICHE_NIGHTLY_CRON or %(default)s)")
+    args = ap.parse_args(argv)
+    serve(*deployments(Path.cwd(), args.nightly_cron))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ class ValidateParams:
     regress_margin: float = 0.05          # worse than the run's best by more than this: a flag
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shards: str = "data/shards"
+    # The checkpoint sweep (tasks/sweep.py) the validate flow draws after each validation.
+    sweep_prompts: tuple[str, ...] = ("a figure juggling three balls", "two figures dancing together")
+    sweep_seeds: tuple[int, ...] = (0, 1)
+    sweep_negative: str = ""
 
     def validate(self) -> None:
         for k in ("holdout", "steps"):

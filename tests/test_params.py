@@ -99,13 +99,15 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     from tasks.profile import apply, load_profile
     from tasks.shard import ShardParams
     from tasks.train_params import TrainParams
+    from tasks.validate import ValidateParams
 
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT_PARAMS, params)
     apply("real", params, build=False)  # the checkout may be on the tiny profile (after `make demo`)
     classes = {"ingest": IngestParams, "bucket": BucketParams, "caption": CaptionParams,
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
-               "embed_pose": EmbedPoseParams, "shard": ShardParams, "train": TrainParams}
+               "embed_pose": EmbedPoseParams, "shard": ShardParams, "train": TrainParams,
+               "validate": ValidateParams}
     doc = yaml.safe_load(params.read_text())
     assert set(doc) == set(classes)
     for section, cls in classes.items():
