@@ -44,6 +44,12 @@ def _alive(name: str) -> int | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
+    if not cmd:  # mid-exec (or a zombie): the command line reads empty for a moment
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+        return pid if state != "Z" else None
     # Right after the fork the child still shows our own command line (flows.local).
     return pid if (b"prefect" in cmd or b"flows." in cmd) else None
 

@@ -41,6 +41,7 @@ inputs, seed and device give the same bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -264,6 +265,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@functools.lru_cache(maxsize=2)
+def _t5_encoder(path: str, dtype: str, device: str):
+    """One loaded T5 per (model, dtype, device) in a process: validation and sweeps encode
+    dozens of prompts, and loading T5-large takes seconds each time."""
+    import torch
+
+    from models import t5
+    return t5.T5Encoder(Path(path), getattr(torch, dtype.removeprefix("torch.")), device)
+
+
 def encode_text(meta: dict, ckpt: Path, text: str, device: str) -> np.ndarray:
     from models import t5
     from tasks.embed_text import EmbedTextParams
@@ -273,7 +284,7 @@ def encode_text(meta: dict, ckpt: Path, text: str, device: str) -> np.ndarray:
         resolved = resolve(p.model, "embed_text.model", p.revision, allow_patterns=t5.ALLOW_PATTERNS)
     except SetupError as e:
         raise _in_context(e, ckpt) from None
-    encoder = t5.T5Encoder(resolved.path, torch_dtype(p.dtype, device), device)
+    encoder = _t5_encoder(str(resolved.path), str(torch_dtype(p.dtype, device)), device)
     (hidden, truncated), = encoder.encode([text], p.max_length)
     if truncated:
         log.warning("prompt: longer than embed_text.max_length = %d tokens; cut as training captions were",
