@@ -58,7 +58,7 @@ def print_report(root: Path, state=None) -> None:
         run_id = state.state_details.flow_run_id
         ui = PREFECT_UI_URL.value()
         con.print(f"Prefect run: {state.name}" + (f" — {ui}/runs/flow-run/{run_id}" if ui else ""))
-    con.print("Next: `dvc status` (clean), `dvc repro` (does nothing), "
+    con.print("Next: `dvc status` (clean), `dvc repro` (does nothing), `make train`, "
               "`make serve` then `prefect deployment run build-dataset/local`; `make stop` stops the server.")
 
 
