@@ -87,7 +87,7 @@ def main() -> None:
               "seconds": round(seconds, 1), "steps_per_s": round(args.steps / seconds, 2),
               "loss_first": loss[0], "loss_last": loss[-1], "window": w,
               "window_means": [round(x, 4) for x in windows],
-              "windows_falling": f"{falling}/{len(windows) - 1}", "grid": str(out_grid)}
+              "windows_falling": f"{falling}/{len(windows) - 1}", "grid": os.path.relpath(out_grid, ROOT)}
     print(f"{args.steps} steps in {seconds:.0f} s ({result['steps_per_s']} steps/s incl. start-up and grids)")
     print("loss, mean of each window of", w, "steps:", " ".join(f"{x:.4f}" for x in windows))
     print(f"falling in {result['windows_falling']} windows; first {loss[0]:.4f} → last {loss[-1]:.4f}")
