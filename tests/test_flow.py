@@ -22,6 +22,12 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return run([str(BIN / "dvc"), *args], repo)
 
 
+def dataset_status(repo: Path) -> str:
+    """`dvc status` of the dataset stages (shard and everything it reads); train and validate
+    are not build-dataset's business."""
+    return dvc(repo, "status", "--with-deps", "shard").stdout
+
+
 def ran_stages(results) -> list[str]:
     return [r["stage"] for r in results if r["ran"]]
 
@@ -34,11 +40,11 @@ def test_flow_and_dvc_repro_agree(repo, prefect_server):
     assert ran_stages(results) == list(STAGES)
     assert results[0]["metrics"]["quarantined"] >= len(expected)
     # The flow left dvc.lock as `dvc repro` would: everything is up to date ...
-    assert "up to date" in dvc(root, "status").stdout
+    assert "up to date" in dataset_status(root)
     lock = (root / "dvc.lock").read_text()
     assert set(yaml.safe_load(lock)["stages"]) == set(STAGES)
     # ... so `dvc repro` does nothing and leaves the lock as it was,
-    repro = dvc(root, "repro")
+    repro = dvc(root, "repro", "shard")
     assert "didn't change, skipping" in repro.stdout and "Running stage" not in repro.stdout
     assert (root / "dvc.lock").read_text() == lock
     # ... and neither does the flow.
@@ -49,21 +55,21 @@ def test_flow_and_dvc_repro_agree(repo, prefect_server):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["bucket"]["resample"] = "bicubic"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    status = dvc(root, "status").stdout
+    status = dataset_status(root)
     assert "bucket" in status and "ingest" not in status
     results = build_dataset(root=str(root))
     ran = ran_stages(results)
     assert "ingest" not in ran and ran[0] == "bucket"
     assert {"embed_image", "embed_pose"} <= set(ran)
     assert results[1]["metrics"]["computed"] == results[1]["metrics"]["total"]
-    assert "up to date" in dvc(root, "status").stdout
+    assert "up to date" in dataset_status(root)
 
 
 def test_dvc_repro_first_then_the_flow_does_nothing(repo, prefect_server):
     from flows.build_dataset import build_dataset
 
     root, _ = repo
-    out = dvc(root, "repro").stdout
+    out = dvc(root, "repro", "shard").stdout
     assert all(f"Running stage '{s}'" in out for s in STAGES)
     assert ran_stages(build_dataset(root=str(root))) == []
 
@@ -132,7 +138,7 @@ def test_deployment_runs_through_the_server_with_logs_and_counts(repo, prefect_s
     assert {"ingest-counts", "bucket-counts", "build-dataset-summary"} <= keys
     counts = next(a for a in arts if a.key == "bucket-counts")
     assert "computed" in str(counts.data)
-    assert "up to date" in dvc(root, "status").stdout
+    assert "up to date" in dataset_status(root)
 
 
 def test_flow_keeps_dvc_added_raw_data_current(tiny_repo, prefect_server):
@@ -148,4 +154,4 @@ def test_flow_keeps_dvc_added_raw_data_current(tiny_repo, prefect_server):
     results = build_dataset(root=str(root))
     assert ran_stages(results)[:2] == ["data/raw.dvc", "ingest"]
     assert next(r for r in results if r["stage"] == "bucket")["metrics"]["computed"] == 1
-    assert "up to date" in dvc(root, "status").stdout
+    assert "up to date" in dataset_status(root)

@@ -54,7 +54,7 @@ def test_profiles_switch_only_their_keys_and_keep_comments(tmp_path):
     tiny = load_profile("tiny")
     differing = [f"{s}.{k}" for s, kv in tiny.items() for k, v in kv.items() if doc[s][k] != v]
     changes = apply("tiny", params, build=False)
-    assert [c.split(":")[0] for c in changes] == differing and len(differing) >= 5
+    assert sorted(c.split(":")[0] for c in changes) == sorted(differing) and len(differing) >= 5
     text = params.read_text()
     assert "models/tiny/t5" in text and "# One section per stage" in text
     apply("real", params, build=False)
