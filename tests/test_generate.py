@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.nanodit import NanoDiT
+from tests.dit_kit import nudged
 from tasks.generate import GenerateError, find_checkpoint, generate, main, pose_from_json
 from tests.conftest import ROOT
 
@@ -21,15 +21,7 @@ STEPS = 3
 
 
 def _model(seed: int) -> NanoDiT:
-    """The tiny preset with every weight nudged: a fresh model's zero-init output layers
-    would make it ignore its inputs."""
-    torch.manual_seed(0)
-    model = NanoDiT.preset("tiny", text_dim=64, dino_dim=64, repa_hidden=64)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return nudged(seed, text_dim=64, dino_dim=64, repa_hidden=64)
 
 
 def _meta(tiny, step: int, **dataset) -> dict:

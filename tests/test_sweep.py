@@ -17,6 +17,7 @@ from models.hub import SetupError
 from tasks.sweep import (DEFAULT_PROMPTS, PAD, PROMPT_LINES, NanoDiTSampler, Sampler, SweepError, _font,
                          _pad_text, _width, default_prompts, euler_sample_negative, layout_path, main, sweep,
                          wrap)
+from tests.dit_kit import nudged
 
 WHITE = (255, 255, 255)
 
@@ -134,16 +135,7 @@ def test_sweep_refuses(tmp_path, kw, match):
 # ---------------------------------------------------------------- the negative-prompt loop
 
 def _model(seed: int, text_dim: int = 64):
-    """The tiny preset with every weight nudged (zero-init output layers would ignore the inputs)."""
-    from models.nanodit import NanoDiT
-
-    torch.manual_seed(0)
-    model = NanoDiT.preset("tiny", text_dim=text_dim, dino_dim=64, repa_hidden=64)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return nudged(seed, text_dim=text_dim, dino_dim=64, repa_hidden=64).eval()
 
 
 def _text_cond(t5: torch.Tensor):

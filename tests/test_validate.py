@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from models.nanodit import NanoDiT
 from tasks.params import ParamsError, as_dict, from_dict
 from tasks.train_params import TrainParams
 from tasks.validate import HISTORY_COLUMNS, ValidateParams, main, validate
 from tasks.validate_suite import Sample, edit_caption, partners, stats
 from tests import shardkit
 from tests.conftest import ROOT
+from tests.dit_kit import nudged
 
 SETTINGS = dict(steps=2, device="cpu", lpips_allow_random=True, text_edits=[["left", "right"], ["64x32", "square"]])
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
@@ -35,12 +35,7 @@ def params(**over) -> ValidateParams:
 def _checkpoint(folder: Path, tiny: Path, step: int, seed: int) -> None:
     """A finished checkpoint as the trainer writes it; every weight nudged so that the output depends
     on the conditioning (a fresh model's zero-init output layers would ignore it)."""
-    torch.manual_seed(0)
-    model = NanoDiT.preset("tiny", text_dim=64, dino_dim=16, repa_hidden=16)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model = nudged(seed, text_dim=64, dino_dim=16, repa_hidden=16)
     model.save_pretrained(folder / "model")
     model.save_pretrained(folder / "ema")
     torch.save({}, folder / "state.pt")
