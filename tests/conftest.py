@@ -5,8 +5,10 @@ quiet, offline, throw-away settings are set here, before any test imports it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +49,46 @@ os.environ.update({
     # Stages run by DVC as `python -m tasks.x` must find this interpreter.
     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
 })
+
+
+SERVE_ENV = {"PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}  # the UI shows INFO lines
+
+
+async def _deployments_ready(names: tuple[str, ...]) -> bool:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        try:
+            ds = [await client.read_deployment_by_name(n) for n in names]
+        except Exception:  # noqa: BLE001 — not all registered yet
+            return False
+        return all(not d.paused for d in ds)
+
+
+@contextlib.contextmanager
+def served(root: Path, names: tuple[str, ...], *args: str, timeout: float = 180):
+    """`python -m flows.serve` in `root` for the block, once `names` are ready; stopped with
+    SIGINT afterwards, as `make stop` does. Yields the path of its log."""
+    import asyncio
+
+    log = root / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", *args], cwd=root,
+                            env={**os.environ, **SERVE_ENV}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not asyncio.run(_deployments_ready(names)):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() - t0 < timeout, "deployments never became ready:\n" + log.read_text()
+            time.sleep(0.5)
+        yield log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode is not None
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.build_dataset import STAGES
-from tests.conftest import BIN, ROOT, run
+from tests.conftest import BIN, SERVE_ENV, run, served
 
 pytestmark = pytest.mark.slow
 
@@ -91,39 +88,12 @@ async def _flow_run_details(flow_run_id):
 def test_deployment_runs_through_the_server_with_logs_and_counts(repo, prefect_server):
     """`prefect deployment run build-dataset/local` against a served deployment."""
     root, _ = repo
-    # The UI shows INFO lines; the quiet test default would hide the counts.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}
-    log = root / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=root, env=env,
-                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        from prefect.client.orchestration import get_client
-
-        async def ready():
-            async with get_client() as client:
-                try:
-                    d = await client.read_deployment_by_name("build-dataset/local")
-                except Exception:  # noqa: BLE001 — not registered yet
-                    return False
-                return not d.paused
-
-        t0 = time.monotonic()
-        while not asyncio.run(ready()):
-            assert serve.poll() is None, log.read_text()
-            assert time.monotonic() - t0 < 120, "deployment never became ready"
-            time.sleep(0.5)
+    with served(root, ("build-dataset/local",)):
         out = run([str(BIN / "prefect"), "deployment", "run", "build-dataset/local", "--watch",
-                   "--watch-timeout", "300"], root, env=env, timeout=330)
+                   "--watch-timeout", "300"], root, env={**os.environ, **SERVE_ENV}, timeout=330)
         assert "Completed" in out.stdout + out.stderr
         import re
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
-    finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-    assert serve.returncode is not None
 
     run_, task_runs, logs, arts = asyncio.run(_flow_run_details(flow_run_id))
     assert run_.state.is_completed() and run_.parameters == {"root": str(root)}

@@ -3,16 +3,11 @@ then the run history, task runs, artifacts and the nightly schedule are read bac
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, ROOT, run
+from tests.conftest import BIN, run, served
 from tests.test_flow import _flow_run_details
 
 pytestmark = pytest.mark.slow
@@ -29,17 +24,6 @@ def trained_repo(tiny_repo):
     (tiny_repo / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     run([str(BIN / "dvc"), "repro", "train"], tiny_repo)
     return tiny_repo
-
-
-async def _deployments_ready() -> bool:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        try:
-            ds = [await client.read_deployment_by_name(n) for n in DEPLOYMENTS]
-        except Exception:  # noqa: BLE001 — not all registered yet
-            return False
-        return all(not d.paused for d in ds)
 
 
 async def _run(name: str):
@@ -60,26 +44,11 @@ async def _history():
 
 def test_deployments_run_through_the_api_and_publish_history_and_artifacts(trained_repo, prefect_server):
     root = trained_repo
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}
-    log = root / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--nightly-cron", "30 3 * * *"], cwd=root,
-                             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        t0 = time.monotonic()
-        while not asyncio.run(_deployments_ready()):
-            assert serve.poll() is None, log.read_text()
-            assert time.monotonic() - t0 < 180, "deployments never became ready:\n" + log.read_text()
-            time.sleep(1)
+    with served(root, DEPLOYMENTS, "--nightly-cron", "30 3 * * *") as log:
         built = asyncio.run(_run("build-dataset/local"))
         validated = asyncio.run(_run("validate/local"))
         nightly = asyncio.run(_run("validate-nightly/local"))
         schedules, runs = asyncio.run(_history())
-    finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
     assert built.state.is_completed(), log.read_text()[-3000:]
     assert validated.state.is_completed(), log.read_text()[-3000:]
     assert nightly.state.is_completed(), log.read_text()[-3000:]
