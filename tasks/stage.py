@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
@@ -215,6 +215,14 @@ def run_batches(
     return _finish(report, len(todo), t0)
 
 
+def section_or_exit(params_cls: type, section: str, path: str) -> Any:
+    """A command's params section, or exit naming the file and the bad key (no traceback)."""
+    try:
+        return load_section(params_cls, section, path)
+    except (ParamsError, ValueError) as e:  # ValueError: a dataclass's validate()
+        sys.exit(f"{path}: {e}")
+
+
 def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: str,
                argv: list[str] | None = None) -> None:
     """The command line of every stage: read its params section, run, write metrics."""
@@ -224,10 +232,7 @@ def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: st
                     help="threads (default: $NICHE_WORKERS or all cores); does not change outputs")
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        params = load_section(params_cls, stage, args.params)
-    except (ParamsError, ValueError) as e:
-        sys.exit(f"{args.params}: {e}")
+    params = section_or_exit(params_cls, stage, args.params)
     try:
         report = run(params, workers=args.workers)
     except SetupError as e:

@@ -45,8 +45,8 @@ from models.hub import SetupError
 from models.nanodit import Conditioning, NanoDiT
 from tasks import train_state
 from tasks.loader import ShardLoader
-from tasks.params import ParamsError, as_dict, load_section
-from tasks.stage import setup_logging
+from tasks.params import as_dict
+from tasks.stage import section_or_exit, setup_logging
 from tasks.train_log import Window, grid, open_live, save_png, to_uint8
 from tasks.train_params import NOT_TRAJECTORY, TrainParams
 
@@ -410,10 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stop-at", type=int, default=None, help="checkpoint after this step and stop")
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        p = load_section(TrainParams, "train", args.params)
-    except (ParamsError, ValueError) as e:
-        sys.exit(f"{args.params}: {e}")
+    p = section_or_exit(TrainParams, "train", args.params)
     try:
         trainer = Trainer(p, params_file=Path(args.params))
         result = trainer.fit(stop_at=args.stop_at)

@@ -43,7 +43,7 @@ from models.flow_matching import GUIDANCE
 from models.hub import SetupError
 from tasks import train_state
 from tasks.generate import GenerateError, find_checkpoint, read_meta, resolve_device, trained_scale
-from tasks.params import ParamsError, as_dict, load_section
+from tasks.params import as_dict
 from tasks.store import atomic_write, atomic_write_json
 from tasks.validate_suite import HIGHER_IS_BETTER, LPIPS_MIN, TESTS, Sample, stats
 
@@ -338,7 +338,7 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.stage import setup_logging
+    from tasks.stage import section_or_exit, setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m tasks.validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -348,10 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-validated", action="store_true", help="do nothing when history.tsv has the step")
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        p = load_section(ValidateParams, "validate", args.params)
-    except (ParamsError, ValueError) as e:
-        sys.exit(f"{args.params}: {e}")
+    p = section_or_exit(ValidateParams, "validate", args.params)
     try:
         result = validate(p, checkpoint=args.checkpoint, skip_validated=args.skip_validated)
     except SetupError as e:
