@@ -106,13 +106,18 @@ def _keep(cond: Conditioning, *parts: int) -> Conditioning:
 
 
 def predict_x0(model: NanoDiT, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: str,
-               scale: float, scale_dino: float, route: float, generator: torch.Generator | None):
-    """x0 under guidance. cfg: cond vs uncond (2 passes). self: dense vs TREAD-routed (2 passes,
-    the routed pass is the weaker model). dual: uncond + text-only + DINO-only (3 passes)."""
+               scale: float, scale_dino: float, route: float, generator: torch.Generator | None,
+               negative: Conditioning | None = None):
+    """x0 under guidance. cfg: cond vs uncond, or vs `negative` (e.g. a negative prompt's text)
+    when given (2 passes). self: dense vs TREAD-routed (2 passes, the routed pass is the weaker
+    model). dual: uncond + text-only + DINO-only (3 passes)."""
+    if negative is not None and guidance != "cfg":
+        raise ValueError(f"a negative conditioning needs guidance 'cfg', not {guidance!r}")
     if guidance == "none":
         return model(x, t, cond).x0
     if guidance == "cfg":
-        c, u = model(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, _keep(cond))).x0.chunk(2)
+        neg = _keep(cond) if negative is None else negative
+        c, u = model(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, neg)).x0.chunk(2)
         return u + scale * (c - u)
     if guidance == "self":
         dense = model(x, t, cond).x0
@@ -125,7 +130,21 @@ def predict_x0(model: NanoDiT, x: torch.Tensor, t: torch.Tensor, cond: Condition
     raise ValueError(f"guidance {guidance!r}: expected one of {', '.join(GUIDANCE)}")
 
 
+def pad_text(cond: Conditioning, length: int) -> Conditioning:
+    """The conditioning with its T5 tokens padded to `length` (masked out: they change nothing)."""
+    n = length - cond.t5.shape[1]
+    if n <= 0:
+        return cond
+    B, _, D = cond.t5.shape
+    t5 = torch.cat([cond.t5, cond.t5.new_zeros(B, n, D)], 1)
+    mask = torch.cat([cond.t5_mask, cond.t5_mask.new_zeros(B, n)], 1)
+    return Conditioning(t5, mask, cond.dino_cls, cond.dino_patches, cond.pose, cond.keep)
+
+
 def _cat(*conds: Conditioning) -> Conditioning:
+    """One batch of several conditionings (prompts of different lengths are padded)."""
+    length = max(c.t5.shape[1] for c in conds)
+    conds = tuple(pad_text(c, length) for c in conds)
     fields = ("t5", "t5_mask", "dino_cls", "dino_patches", "pose", "keep")
     return Conditioning(*(torch.cat([getattr(c, f) for c in conds]) for f in fields))
 
@@ -133,9 +152,11 @@ def _cat(*conds: Conditioning) -> Conditioning:
 @torch.no_grad()
 def euler_sample(model: NanoDiT, cond: Conditioning, size: tuple[int, int], *, steps: int = 50,
                  guidance: str = "cfg", scale: float = 3.0, scale_dino: float = 1.5, route: float = 0.5,
-                 shift: float = 1.0, seed: int = 0, noise: torch.Tensor | None = None) -> torch.Tensor:
+                 shift: float = 1.0, seed: int = 0, noise: torch.Tensor | None = None,
+                 negative: Conditioning | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [−1, 1] from noise, `steps` Euler steps from t = 1 to t = 0.
-    One generator per call, seeded: the same seed gives the same image."""
+    One generator per call, seeded: the same seed gives the same image. `negative`: guide
+    against it instead of the unconditional prediction (cfg only)."""
     if guidance not in GUIDANCE:
         raise ValueError(f"guidance {guidance!r}: expected one of {', '.join(GUIDANCE)}")
     g = torch.Generator().manual_seed(seed)
@@ -145,7 +166,7 @@ def euler_sample(model: NanoDiT, cond: Conditioning, size: tuple[int, int], *, s
     ts = shift_t(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
     for t_now, t_next in zip(ts[:-1], ts[1:]):
         t = torch.full((B,), t_now, device=device)
-        x0 = predict_x0(model, x.to(dtype), t, cond, guidance, scale, scale_dino, route, g).float()
+        x0 = predict_x0(model, x.to(dtype), t, cond, guidance, scale, scale_dino, route, g, negative).float()
         if t_next == 0.0:
             x = x0
             break

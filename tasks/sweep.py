@@ -227,57 +227,6 @@ def sweep(sampler: Sampler, prompts: list[str] | tuple[str, ...], seeds: list[in
 
 # ---------------------------------------------------------------- NanoDiT
 
-def _pad_text(cond, length: int):
-    """The conditioning with its T5 tokens padded (masked out) to `length`."""
-    import torch
-
-    from models.nanodit import Conditioning
-
-    n = length - cond.t5.shape[1]
-    if n <= 0:
-        return cond
-    B, _, D = cond.t5.shape
-    t5 = torch.cat([cond.t5, cond.t5.new_zeros(B, n, D)], 1)
-    mask = torch.cat([cond.t5_mask, cond.t5_mask.new_zeros(B, n)], 1)
-    return Conditioning(t5, mask, cond.dino_cls, cond.dino_patches, cond.pose, cond.keep)
-
-
-def _cat_padded(a, b):
-    from models.flow_matching import _cat
-
-    length = max(a.t5.shape[1], b.t5.shape[1])
-    return _cat(_pad_text(a, length), _pad_text(b, length))
-
-
-def euler_sample_negative(model, cond, negative, size: tuple[int, int], *, steps: int = 50,
-                          scale: float = 3.0, shift: float = 1.0, seed: int = 0):
-    """models/flow_matching.py euler_sample with guidance "cfg", but guided against `negative`
-    (a Conditioning, e.g. the negative prompt's text) instead of the unconditional prediction:
-    x0 = neg + scale * (cond - neg). The same noise, timesteps and update (t from 1 to 0,
-    v = (x - x0) / t, shifted schedule), one batched forward pass per step."""
-    import torch
-
-    from models.flow_matching import shift_t
-
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        B, device = cond.t5.shape[0], cond.t5.device
-        dtype = next(model.parameters()).dtype
-        both = _cat_padded(cond, negative)
-        x = torch.randn(B, 3, *size, generator=g).to(device, torch.float32)
-        ts = shift_t(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
-        for t_now, t_next in zip(ts[:-1], ts[1:]):
-            t = torch.full((B,), t_now, device=device)
-            xd = x.to(dtype)
-            c, n = model(torch.cat([xd, xd]), torch.cat([t, t]), both).x0.chunk(2)
-            x0 = (n + scale * (c - n)).float()
-            if t_next == 0.0:
-                x = x0
-                break
-            x = x + (t_next - t_now) * (x - x0) / t_now
-        return x.clamp(-1, 1)
-
-
 class NanoDiTSampler:
     """A NanoDiT run's checkpoints, sampled from text alone (see the module doc)."""
 
@@ -385,13 +334,9 @@ class NanoDiTSampler:
         cond = text_only(self._text(meta, ckpt, prompt))
         steps = self.steps or int(sampling.get("steps", 50))
         shift = float(sampling.get("shift", 1.0))
-        if negative:
-            neg = text_only(self._text(meta, ckpt, negative))
-            images = euler_sample_negative(model, cond, neg, (h, w), steps=steps, scale=self.scale, shift=shift,
-                                           seed=seed)
-        else:
-            images = euler_sample(model, cond, (h, w), steps=steps, guidance=self.guidance, scale=self.scale,
-                                  route=float(sampling.get("route", 0.5)), shift=shift, seed=int(seed))
+        neg = text_only(self._text(meta, ckpt, negative)) if negative else None
+        images = euler_sample(model, cond, (h, w), steps=steps, guidance=self.guidance, scale=self.scale,
+                              route=float(sampling.get("route", 0.5)), shift=shift, seed=int(seed), negative=neg)
         return to_pil(images)[0]
 
 

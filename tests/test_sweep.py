@@ -1,5 +1,5 @@
 """tasks.sweep: the labelled checkpoint x prompt x seed grid (with a fake sampler), the
-negative-prompt Euler loop against models/flow_matching.py, and NanoDiTSampler end to end
+negative-prompt guidance of models/flow_matching.py, and NanoDiTSampler end to end
 on hand-written tiny checkpoints with the tiny profile's real T5."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from models.hub import SetupError
 
 from tasks.sweep import (DEFAULT_PROMPTS, PAD, PROMPT_LINES, NanoDiTSampler, Sampler, SweepError, _font,
-                         _pad_text, _width, default_prompts, euler_sample_negative, layout_path, main, sweep,
+                         _width, default_prompts, layout_path, main, sweep,
                          wrap)
 from tests.dit_kit import nudged
 
@@ -147,24 +147,24 @@ def _text_cond(t5: torch.Tensor):
 
 
 def test_negative_loop_mirrors_euler_sample():
-    from models.flow_matching import _keep, euler_sample
+    from models.flow_matching import _keep, euler_sample, pad_text
 
     model = _model(1)
     g = torch.Generator().manual_seed(0)
     cond = _text_cond(torch.randn(5, 64, generator=g))
     kw = dict(steps=3, scale=3.0, shift=2.0, seed=4)
     # against the unconditional prediction it is euler_sample's cfg, bit for bit
-    ours = euler_sample_negative(model, cond, _keep(cond), (48, 64), **kw)
+    ours = euler_sample(model, cond, (48, 64), guidance="cfg", negative=_keep(cond), **kw)
     ref = euler_sample(model, cond, (48, 64), guidance="cfg", **kw)
     assert torch.equal(ours, ref)
     # a negative prompt of another length: padded tokens are masked out, so they change nothing
     x, t = torch.randn(1, 3, 48, 64, generator=g), torch.full((1,), 0.7)
     with torch.no_grad():
-        assert torch.allclose(model(x, t, cond).x0, model(x, t, _pad_text(cond, 9)).x0, atol=1e-5)
+        assert torch.allclose(model(x, t, cond).x0, model(x, t, pad_text(cond, 9)).x0, atol=1e-5)
     neg = _text_cond(torch.randn(9, 64, generator=g))
-    other = euler_sample_negative(model, cond, neg, (48, 64), **kw)
+    other = euler_sample(model, cond, (48, 64), guidance="cfg", negative=neg, **kw)
     assert other.shape == ref.shape and not torch.allclose(other, ref)
-    assert torch.equal(other, euler_sample_negative(model, cond, neg, (48, 64), **kw))
+    assert torch.equal(other, euler_sample(model, cond, (48, 64), guidance="cfg", negative=neg, **kw))
 
 
 # ---------------------------------------------------------------- NanoDiTSampler end to end
