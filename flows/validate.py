@@ -142,11 +142,10 @@ def publish(result: dict, views: dict, margin: float) -> None:
 def _validate(root: str, checkpoint: str | None, nightly: bool) -> dict:
     root = str(Path(root).resolve())
     result = validate_task(root, checkpoint, nightly)
-    if not result["ran"] and not result["metrics"]:
+    if result.get("skipped") or not result["metrics"]:  # nothing new: the sweep and report stand
         return result
     views = sweep_and_report(root, result["run_dir"])
-    if result["ran"] or not nightly:
-        publish(result, views, _params(Path(root)).regress_margin)
+    publish(result, views, _params(Path(root)).regress_margin)
     return {**result, **views}
 
 

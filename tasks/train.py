@@ -23,6 +23,7 @@ such steps in a row stop the run with the last good checkpoint untouched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -124,8 +125,8 @@ def forever(loader: ShardLoader):
         for batch in loader:
             n += 1
             yield batch
-        if n == 0 and len(loader) == 0:
-            raise TrainError("train: this rank's loader has no batches (is the train split empty?)")
+        if n == 0:  # an empty split, or every shard of this rank unreadable (skipped, logged)
+            raise TrainError("train: a whole epoch gave this rank no batch; see the loader's warnings")
 
 
 def fingerprint(p: TrainParams, loader: ShardLoader, world: int) -> str:
@@ -289,7 +290,7 @@ class Trainer:
             for micro in range(p.grad_accum):
                 batch = next(batches)
                 sync = micro == p.grad_accum - 1 or self.world == 1
-                ctx = self.ddp.no_sync() if not sync else _null()
+                ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     for k, v in self._micro(batch, step, micro).items():
                         figures[k] = figures.get(k, 0.0) + v / p.grad_accum
@@ -388,14 +389,6 @@ class Trainer:
         path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
         save_png(path, sheet)  # dvc.yaml shows this folder as image plots
         return path
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def peak_memory_gb(device: torch.device) -> float:
