@@ -255,7 +255,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             terms = loss_terms(self.ddp, x0, cond, p.objective(), g)
         (terms["loss"] / p.grad_accum).backward()
-        return {k: (v.detach().float().item() if torch.is_tensor(v) else float(v)) for k, v in terms.items()}
+        # Left on the device: one host sync per optimizer step, not one per term and micro-step.
+        return {k: (v.detach().float() if torch.is_tensor(v) else float(v)) for k, v in terms.items()}
 
     def _all_finite(self, loss: float, grad_norm: float) -> bool:
         ok = torch.tensor([float(math.isfinite(loss) and math.isfinite(grad_norm))], device=self.device)
@@ -295,6 +296,7 @@ class Trainer:
                     for k, v in self._micro(batch, step, micro).items():
                         figures[k] = figures.get(k, 0.0) + v / p.grad_accum
                 samples_win += len(batch["ids"]) * self.world
+            figures = {k: float(v) for k, v in figures.items()}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip))
             loss = self._mean(figures["loss"])
             if not self._all_finite(figures["loss"], grad_norm):
