@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,9 @@ def test_dvc_repro_first_then_the_flow_does_nothing(repo, prefect_server):
     assert ran_stages(build_dataset(root=str(root))) == []
 
 
-async def _flow_run_details(flow_run_id):
+async def _flow_run_details(flow_run_id, log_containing: str | None = None, wait: float = 60):
+    """The run, its task runs, logs and artifacts. Logs reach the server in batches, after
+    the run's final state: with `log_containing`, wait (up to `wait` s) for such a line."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
                                                 FlowRunFilterId, LogFilter, LogFilterFlowRunId)
@@ -79,7 +82,13 @@ async def _flow_run_details(flow_run_id):
     async with get_client() as client:
         run_ = await client.read_flow_run(flow_run_id)
         tasks_ = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        deadline = time.monotonic() + wait
+        while True:
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if (log_containing is None or any(log_containing in entry.message for entry in logs)
+                    or time.monotonic() > deadline):
+                break
+            await asyncio.sleep(0.5)
         arts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return run_, tasks_, logs, arts
@@ -95,7 +104,7 @@ def test_deployment_runs_through_the_server_with_logs_and_counts(repo, prefect_s
         import re
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
 
-    run_, task_runs, logs, arts = asyncio.run(_flow_run_details(flow_run_id))
+    run_, task_runs, logs, arts = asyncio.run(_flow_run_details(flow_run_id, "quarantined data/raw/problems/bomb.png"))
     assert run_.state.is_completed() and run_.parameters == {"root": str(root)}
     assert sorted(t.name for t in task_runs) == sorted(STAGES)
     assert all(t.state.is_completed() for t in task_runs)

@@ -33,6 +33,7 @@ def train_repo(tiny_repo):
 
 def test_train_flow_builds_the_data_trains_and_agrees_with_dvc(train_repo, prefect_server):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.train import train
 
@@ -49,7 +50,9 @@ def test_train_flow_builds_the_data_trains_and_agrees_with_dvc(train_repo, prefe
 
     async def artifacts():
         async with get_client() as client:
-            arts = await client.read_artifacts()
+            # By key: an unfiltered read returns only the API's default page of 200.
+            keys = ["train-metrics", "train-run", "build-dataset-summary"]
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
             return {a.key for a in arts if a.key}
     assert {"train-metrics", "train-run", "build-dataset-summary"} <= asyncio.run(artifacts())
 
