@@ -22,11 +22,12 @@ def _builders():
     # Imported here: each pulls in transformers/torch/onnx.
     from models.dinov3 import build_tiny_dinov3
     from models.gemma import build_tiny_gemma3
+    from models.sdxl import build_tiny_sdxl
     from models.t5 import build_tiny_t5
     from models.tiny_dwpose import build_tiny_dwpose
 
     return {"gemma3": build_tiny_gemma3, "t5": build_tiny_t5,
-            "dinov3": build_tiny_dinov3, "dwpose": build_tiny_dwpose}
+            "dinov3": build_tiny_dinov3, "dwpose": build_tiny_dwpose, "sdxl": build_tiny_sdxl}
 
 
 def build_all(root: Path = Path("models/tiny")) -> Path:
