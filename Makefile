@@ -35,7 +35,7 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt py
 # validate, each a flow run on a local Prefect server, DVC recording every stage.
 # Ends with the path of the run's HTML report; leaves the server up for the UI.
 demo: venv
-	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples
+	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4
 	@$(BIN)/python -m tasks.profile tiny
 	@$(MAKE) --no-print-directory server
 	@$(BIN)/python -m flows.build_dataset --report
@@ -51,7 +51,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 sample: venv
-	$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples
+	$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4
 
 # Prefect server on 127.0.0.1 (UI at http://127.0.0.1:$(PORT)), in the background.
 server: venv

@@ -29,9 +29,9 @@ def print_report(root: Path, state=None) -> None:
     ingest = mdir / "ingest.parquet"
     if ingest.is_file():
         rows = pq.read_table(ingest).to_pylist()
-        holdout = sum(r["split"] == "holdout" for r in rows)
-        con.print(f"[bold]{len(rows)} samples[/] ({len(rows) - holdout} train, {holdout} holdout) "
-                  f"→ {ingest.relative_to(root)}")
+        split = {s: sum(r["split"] == s for r in rows) for s in ("train", "holdout", "rejected")}
+        con.print(f"[bold]{len(rows)} samples[/] ({split['train']} train, {split['holdout']} holdout, "
+                  f"{split['rejected']} rejected) → {ingest.relative_to(root)}")
     bucket = mdir / "bucket.parquet"
     if bucket.is_file():
         rows = pq.read_table(bucket).to_pylist()

@@ -84,6 +84,7 @@ def render(image: Image.Image, bw: int, bh: int, resample: str) -> Image.Image:
 
 def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
            store_dir: Path = STORE, workers: int | None = None) -> Report:
+    # Every split, rejects included: the SDXL latents stage needs them for the negative LoRA.
     samples = manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()
     store = Store(store_dir, ".png")
     by_id, rows, work = {}, [], []
@@ -115,7 +116,8 @@ def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path 
     for r in rows:
         if r["error"] is None:
             counts[r["bucket"]] = counts.get(r["bucket"], 0) + 1
-    report.extra = {"per_bucket": dict(sorted(counts.items()))}
+    report.extra = {"per_bucket": dict(sorted(counts.items())),
+                    "rejected": sum(r["split"] == "rejected" and r["error"] is None for r in rows)}
     return report
 
 

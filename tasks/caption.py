@@ -185,6 +185,8 @@ def caption(p: CaptionParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
     # `workers` is not used: the model uses the cores (or the GPU) itself, and
     # Ollama's concurrency is batch_size, a property of the server.
     samples = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
+    # Rejects only train the negative LoRA (fixed prompt): captioning them would waste hours.
+    samples = [s for s in samples if s["split"] != "rejected"]
     store = Store(store_dir, ".json")
     sidecar: dict[str, str | None] = {}
     resolved = None

@@ -79,6 +79,8 @@ def embed_image(p: EmbedImageParams, in_dir: Path = manifest.MANIFEST_DIR, out_d
     """`workers` threads decode a batch's PNGs; the model spreads itself over the cores."""
     p.validate()
     samples = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
+    # Rejects never reach the NanoDiT shards: their DINOv3 features would be wasted work.
+    samples = [s for s in samples if s["split"] != "rejected"]
     resolved = resolve(p.model, "embed_image.model", p.revision, allow_patterns=dinov3.ALLOW_PATTERNS)
     device = torch_device()
     dtype = torch_dtype(p.dtype, device)

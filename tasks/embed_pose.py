@@ -92,6 +92,8 @@ def embed_pose(p: EmbedPoseParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir
                bucket_store: Path = BUCKET_STORE) -> Report:
     """Pose of the main person in every bucketed image (`bucket_store` holds them)."""
     images = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
+    # Rejects never reach the NanoDiT shards: their poses would be wasted work.
+    images = [r for r in images if r["split"] != "rejected"]
     det = resolve_onnx(p.detector, "embed_pose.detector")
     pose = resolve_onnx(p.pose, "embed_pose.pose")
     params = {"det_score": p.det_score, "nms_iou": p.nms_iou, "bbox_padding": p.bbox_padding}

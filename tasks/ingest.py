@@ -1,6 +1,11 @@
 """Stage `ingest`: every file under the source folders becomes a manifest row
 (a sample, keyed by the sha256 of its bytes) or a quarantine row with a reason.
 
+Images a curator rejected (under a `rejected` folder, or listed in the
+`rejected_list` file) are samples with split "rejected": probed and quarantined
+like the rest, bucketed, but never captioned, embedded or sharded — they train
+a "negative" SDXL LoRA only. The holdout is drawn from the approved images.
+
 Nothing is moved or deleted: a bad file stays where it is and is listed. Probing
 a file (full decode, conversion check) is the slow part, so its result is kept
 in the per-sample store under the content id; adding 10 images to 10,000
@@ -18,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.hub import SetupError
 from tasks import manifest
 from tasks.images import ImageRejected, decode
 from tasks.stage import Report, run_items, stage_main
@@ -42,6 +48,13 @@ class IngestParams:
     split_seed: int = 0
     max_pixels: int = 100_000_000
     min_side: int = 512
+    # Folders of rejected images. Inside a source (the default is) they are part of
+    # its walk; outside every source they are walked too, since naming one is a
+    # deliberate choice (list it as a dep in dvc.yaml then). A missing one: no rejects.
+    rejected: tuple[str, ...] = ("data/raw/rejected",)
+    # A text file of rejected files anywhere in the sources, one path per line,
+    # relative to the repo root; blank lines and `#` comments are skipped.
+    rejected_list: str | None = None
 
     def validate(self) -> None:
         if not self.sources:
@@ -54,6 +67,16 @@ class IngestParams:
         if not 0.0 <= self.holdout_max_fraction < 1.0:
             raise ValueError("ingest.holdout_max_fraction: expected a fraction in [0, 1), "
                              f"got {self.holdout_max_fraction}")
+        if self.rejected_list is not None and not self.rejected_list.strip():
+            raise ValueError("ingest.rejected_list: expected a file path or null, got an empty string")
+        for i, folder in enumerate(self.rejected):
+            if not folder.strip():
+                raise ValueError(f"ingest.rejected[{i}]: expected a folder, got an empty string")
+            for src in self.sources:
+                # A rejected folder holding a whole source would leave nothing approved there.
+                if _inside(_abs(src), [_abs(folder)]):
+                    raise ValueError(f"ingest.rejected[{i}]: {folder} contains the source {src}; "
+                                     "every image in it would be a reject")
 
 
 def _walk(root: Path, ignore: tuple[str, ...]):
@@ -75,6 +98,60 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
+def _abs(path: str | Path) -> Path:
+    """Absolute and normalised, symlinked folders kept: what a path names as written."""
+    return Path(os.path.abspath(path))
+
+
+def _rejected_folders(p: IngestParams, real_roots: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(every existing rejected folder, those outside every source, to walk as well)."""
+    folders, outside = [], []
+    # Shallowest first, so a folder inside another outside one is not walked twice.
+    for i, folder in sorted(enumerate(p.rejected), key=lambda x: len(_abs(x[1]).parts)):
+        f = Path(folder)
+        if not f.exists():
+            # Not an error: a dataset without rejects yet is the common case.
+            (log.info if folder in IngestParams.rejected else log.warning)(
+                "ingest.rejected[%d]: %s does not exist; no rejects from it", i, f)
+            continue
+        if not f.is_dir():
+            raise SetupError(f"ingest.rejected[{i}]: {f} is not a folder")
+        folders.append(f)
+        if not _inside(f.resolve(), real_roots + [o.resolve() for o in outside]):
+            log.info("ingest.rejected[%d]: %s is outside every source; walked as well", i, f)
+            outside.append(f)
+    return folders, outside
+
+
+def read_rejected_list(path: str) -> list[str]:
+    """The paths in a rejected-list file, as written (blank lines and # comments skipped)."""
+    f = Path(path)
+    if not f.is_file():
+        # SetupError: the command stops with this line alone (a person fixes the path).
+        raise SetupError(f"ingest.rejected_list: {f} is not a file (a list of rejected paths, "
+                         "one per line, relative to the repo root)")
+    lines = (line.strip() for line in f.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def mark_rejected(candidates: list[dict], p: IngestParams, folders: list[Path]) -> None:
+    """Set c["rejected"] on every candidate: in a rejected folder, or listed."""
+    in_folders = [_abs(f) for f in folders]
+    for c in candidates:
+        c["rejected"] = _inside(_abs(c["path"]), in_folders)
+    if p.rejected_list is None:
+        return
+    by_abs = {_abs(c["path"]): c for c in candidates}
+    for line in read_rejected_list(p.rejected_list):
+        c = by_abs.get(_abs(line))
+        if c is not None:
+            c["rejected"] = True
+        elif os.path.lexists(line):
+            log.warning("ingest.rejected_list: %s is not an image under the sources; ignored", line)
+        else:
+            log.warning("ingest.rejected_list: %s not found; ignored (the rest of the list applies)", line)
+
+
 def scan(p: IngestParams) -> tuple[list[dict], list[dict]]:
     """Find image candidates and captions; return (candidates, quarantine rows)."""
     roots = [Path(s) for s in p.sources]
@@ -82,9 +159,16 @@ def scan(p: IngestParams) -> tuple[list[dict], list[dict]]:
         if not r.is_dir():
             raise FileNotFoundError(f"ingest.sources: {r} is not a folder")
     real_roots = [r.resolve() for r in roots]
+    folders, outside = _rejected_folders(p, real_roots)
+    # A symlink into a rejected folder outside the sources does not escape them.
+    real_roots += [f.resolve() for f in outside]
+    # The list file may sit inside a source (under data/raw DVC sees its edits): not an input.
+    skip = _abs(p.rejected_list) if p.rejected_list is not None else None
     candidates, bad, captions = [], [], {}
-    for root in roots:
+    for root in roots + outside:
         for path in _walk(root, p.ignore):
+            if skip is not None and _abs(path) == skip:
+                continue
             rel = path.as_posix()
             if path.is_symlink():
                 target = path.resolve()
@@ -112,6 +196,7 @@ def scan(p: IngestParams) -> tuple[list[dict], list[dict]]:
     for cap in sorted(set(captions.values()) - used):
         bad.append(dict(path=cap.as_posix(), reason="orphan_caption",
                         detail="caption file with no image of the same name", id=None))
+    mark_rejected(candidates, p, folders)
     return candidates, bad
 
 
@@ -134,7 +219,7 @@ def _holdout(ids: list[str], p: IngestParams) -> set[str]:
     """
     n = min(p.holdout_count, int(len(ids) * p.holdout_max_fraction))
     if n < p.holdout_count:
-        log.info("holdout: %d of %d samples (holdout_count %d capped by holdout_max_fraction %.2f)",
+        log.info("holdout: %d of %d approved samples (holdout_count %d capped by holdout_max_fraction %.2f)",
                  n, len(ids), p.holdout_count, p.holdout_max_fraction)
     rank = sorted(ids, key=lambda i: hashlib.sha256(f"{p.split_seed}:{i}".encode()).hexdigest())
     return set(rank[:n])
@@ -178,13 +263,16 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
         first.setdefault(c["key"], c["path"])
     report = run_items("ingest", [(path, key) for key, path in first.items()], store, probe, workers)
 
-    # Group identical content; the first path in sorted order is the sample.
+    # Group identical content; the first path in sorted order is the sample,
+    # the first approved one when the same bytes are also approved: the curator
+    # kept the image, and a negative LoRA must not learn what the model should make.
     groups: dict[str, list[dict]] = {}
-    for c in sorted(by_path.values(), key=lambda c: c["path"]):
+    for c in sorted(by_path.values(), key=lambda c: (c["rejected"], c["path"])):
         groups.setdefault(c["id"], []).append(c)
-    rows = []
+    rows, conflicts = [], 0
     for cid, group in groups.items():
         c, dups = group[0], group[1:]
+        rejected_too = [d["path"] for d in dups if d["rejected"] and not c["rejected"]]
         if c["path"] in report.failures:  # the probe itself crashed on this file
             rec = dict(ok=False, reason="probe_error", detail=report.failures[c["path"]])
         else:
@@ -197,8 +285,13 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
                 quarantine.append(dict(path=g["path"], reason=rec["reason"], detail=rec["detail"], id=cid))
             continue
         for dup in dups:
+            note = "; the image is approved there, so it is not a reject" if dup["path"] in rejected_too else ""
             quarantine.append(dict(path=dup["path"], reason="duplicate",
-                                   detail=f"same bytes as {c['path']}", id=cid))
+                                   detail=f"same bytes as {c['path']}{note}", id=cid))
+        if rejected_too:
+            conflicts += 1
+            log.warning("ingest: %s is approved and rejected at once (same bytes as rejected %s); "
+                        "kept as approved", c["path"], ", ".join(rejected_too))
         caption, caption_path = None, None
         if c["caption_file"] is not None:
             try:
@@ -209,12 +302,16 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
         rows.append(dict(id=cid, path=c["path"], source=c["source"], format=rec["format"],
                          width=rec["width"], height=rec["height"], mode=rec["mode"],
                          orientation=rec["orientation"], bytes=c["bytes"], caption=caption,
-                         caption_path=caption_path, split="train",
+                         caption_path=caption_path, split="rejected" if c["rejected"] else "train",
                          duplicates=[d["path"] for d in dups]))
 
-    holdout = _holdout([r["id"] for r in rows], p)
+    # Drawn from the approved images only: rejects (often 10x as many) are no
+    # validation target, and must not shift which approved image is held out.
+    holdout = _holdout([r["id"] for r in rows if r["split"] != "rejected"], p)
     for r in rows:
-        r["split"] = "holdout" if r["id"] in holdout else "train"
+        if r["id"] in holdout:
+            r["split"] = "holdout"
+    n_rejected = sum(r["split"] == "rejected" for r in rows)
 
     manifest.write_table(rows, manifest.INGEST, out_dir / "ingest.parquet", sort_by="id")
     manifest.write_table(quarantine, manifest.QUARANTINE, out_dir / "quarantine.parquet", sort_by="path")
@@ -225,9 +322,11 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
         reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
     report.extra = {
         "files": len(candidates),
-        "samples": len(rows),
-        "train": len(rows) - len(holdout),
+        "samples": len(rows),  # approved (train + holdout) and rejected
+        "train": len(rows) - len(holdout) - n_rejected,
         "holdout": len(holdout),
+        "rejected": n_rejected,
+        "approved_and_rejected": conflicts,  # same bytes both ways; kept as approved
         "quarantined": len(quarantine),
         "with_caption": sum(r["caption"] is not None for r in rows),
         "quarantine_by_reason": dict(sorted(reasons.items())),

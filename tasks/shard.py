@@ -2,7 +2,7 @@
 WebDataset tars, one set per split and bucket, plus two parquet tables.
 
     data/shards/{split}/{bucket}/shard-{n:06d}.tar   members: see tasks/shard_format.py
-    data/shards/index.parquet    one row per sample of the bucket manifest (where, or why not)
+    data/shards/index.parquet    one row per approved sample of the bucket manifest (where, or why not)
     data/shards/shards.parquet   one row per shard (samples, bytes, sha256, content key)
 
 Assignment is stable. A (split, bucket) group is a binary tree over the bits
@@ -105,8 +105,11 @@ def _rows(path: Path, schema: pa.Schema) -> dict[str, dict]:
 
 
 def gather(in_dir: Path) -> tuple[list[dict], dict[str, fmt.Sample], dict[str, str]]:
-    """(bucket rows, usable samples by id, reasons for the others by id)."""
+    """(approved bucket rows, usable samples by id, reasons for the others by id)."""
     buckets = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
+    # Rejects (for the negative SDXL LoRA) must never be NanoDiT training data; the
+    # conditioning stages skip them, so their absence there is no failure.
+    buckets = [b for b in buckets if b["split"] != "rejected"]
     ingest = _rows(in_dir / "ingest.parquet", manifest.INGEST)
     tables = {"caption": _rows(in_dir / "caption.parquet", caption.SCHEMA),
               "embed_text": _rows(in_dir / "embed_text.parquet", embed_text.SCHEMA),

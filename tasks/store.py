@@ -124,9 +124,13 @@ class Store:
 
 def write_tensors(store: Store, key: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     """One item as safetensors (numpy arrays), written atomically."""
+    import numpy as np
     from safetensors.numpy import save_file
 
-    return store.write(key, lambda t: save_file(tensors, str(t), metadata=metadata))
+    # safetensors (numpy) writes a non-contiguous array in memory order without a word: values
+    # come back scrambled. Contiguous copies first.
+    arrays = {k: np.asarray(v).copy(order="C") for k, v in tensors.items()}  # (keeps 0-d arrays 0-d)
+    return store.write(key, lambda t: save_file(arrays, str(t), metadata=metadata))
 
 
 def read_tensors(store: Store, key: str) -> tuple[dict, dict[str, str]]:

@@ -171,3 +171,24 @@ def test_names_bones_and_render_arguments():
     dense = render_figure(pose.keypoints, 900, 1200, np.random.default_rng(1), density=1.0)
     assert sparse.mode == "RGB" and sparse.size == (900, 1200)
     assert (np.asarray(sparse) < 100).sum() < (np.asarray(dense) < 100).sum()
+
+
+def test_rejects_are_deterministic_new_and_visibly_defective(tmp_path):
+    from tasks.sample.rejects import DEFECTS, make_reject, write_rejects
+
+    a = write_rejects(tmp_path / "a", 3, seed=5)
+    b = write_rejects(tmp_path / "b", 3, seed=5)
+    assert [p.name for p in a] == ["reject_00000.png", "reject_00001.jpg", "reject_00002.png"]
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    figures = {p.read_bytes() for p in write_particle_dataset(tmp_path / "f", 3, seed=5)}
+    assert not figures & set(_files(tmp_path / "a").values())  # never the bytes of an approved figure
+    for i, defect in enumerate(DEFECTS):
+        img, clean, name = make_reject(5, i)
+        r, c = np.asarray(img, np.int16), np.asarray(clean, np.int16)
+        assert name == defect and img.size == clean.size and min(img.size) >= 512
+        if defect == "scrambled":  # the same pixels, moved: the body is in pieces
+            assert (r != c).any() and np.array_equal(np.sort(r, axis=None), np.sort(c, axis=None))
+        elif defect == "noisy":  # grain over the whole white page
+            assert np.abs(r - c)[c == 255].mean() > 20  # half the grain is clipped at white
+        else:  # blurred: hardly a dark particle survives
+            assert (r < 100).sum() < 0.1 * (c < 100).sum()

@@ -1,9 +1,11 @@
 """Make the sample dataset (generated, or shipped with scikit-image; never downloaded).
 
-    python -m tasks.sample --out data/raw --figures 60 --photos --bad-examples
+    python -m tasks.sample --out data/raw --figures 60 --photos --bad-examples --rejects 4
 
 Writes figures/ (particle figures + captions + true keypoints), photos/ (real
-photographs in awkward modes) and problems/ (files ingest must refuse).
+photographs in awkward modes), problems/ (files ingest must refuse) and
+rejected/ (figures with a visible defect, as a curator's rejects; with
+--bad-examples also one corrupt file there, quarantined rather than a reject).
 Deterministic: the same arguments give the same bytes.
 """
 from __future__ import annotations
@@ -13,10 +15,11 @@ from pathlib import Path
 
 from tasks.sample.particles import write_particle_dataset
 from tasks.sample.photos import write_photos, write_problems
+from tasks.sample.rejects import write_corrupt_reject, write_rejects
 
 
 def make_sample(out: Path, figures: int, seed: int = 0, photos: bool = True,
-                bad_examples: bool = True, start: int = 0) -> dict[str, str]:
+                bad_examples: bool = True, start: int = 0, rejects: int = 0) -> dict[str, str]:
     """Returns the problem files with the quarantine reason each must get."""
     paths = write_particle_dataset(out / "figures", figures, seed=seed, start=start)
     if photos:
@@ -25,6 +28,10 @@ def make_sample(out: Path, figures: int, seed: int = 0, photos: bool = True,
     if bad_examples:
         good = paths[0] if paths else write_photos(out / "photos")[0]
         expected = write_problems(out / "problems", good)
+    if rejects:
+        write_rejects(out / "rejected", rejects, seed=seed)
+        if bad_examples:
+            expected[write_corrupt_reject(out / "rejected", seed).as_posix()] = "corrupt"
     return expected
 
 
@@ -36,11 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--photos", action="store_true", help="add scikit-image's photographs")
     ap.add_argument("--bad-examples", action="store_true", help="add files ingest must refuse")
+    ap.add_argument("--rejects", type=int, default=0,
+                    help="number of rejected images (figures with a defect) under <out>/rejected/")
     args = ap.parse_args(argv)
-    expected = make_sample(args.out, args.figures, args.seed, args.photos, args.bad_examples, args.start)
+    if args.rejects < 0:
+        ap.error(f"--rejects: expected >= 0, got {args.rejects}")
+    expected = make_sample(args.out, args.figures, args.seed, args.photos, args.bad_examples, args.start,
+                           args.rejects)
     n = sum(1 for p in args.out.rglob("*") if p.is_file() or p.is_symlink())
     print(f"sample data: {n} files under {args.out}/ "
           f"({args.figures} figures{', photos' if args.photos else ''}"
+          f"{f', {args.rejects} rejects' if args.rejects else ''}"
           f"{f', {len(expected)} problem files' if expected else ''})")
 
 
