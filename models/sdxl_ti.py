@@ -1,0 +1,125 @@
+"""Textual inversion for pivotal tuning: new tokens <s0>..<s{n-1}> in both SDXL text encoders.
+
+The trigger word of the captions ("TOK") is replaced by fresh tokens that have no
+prior meaning, whose embedding rows are trained with the LoRA for the first part of
+training, then frozen (the diffusers advanced SDXL DreamBooth recipe). Only the new
+rows may change: the whole embedding matrix requires grad (an nn.Embedding has one
+weight), so after each optimizer step `restore_frozen_rows` puts every other row
+back — weight decay and Adam's momentum would otherwise drift all 49,408 tokens.
+
+The rows are saved as {"clip_l": (n, 768), "clip_g": (n, 1280)} safetensors, the file
+the advanced script writes and diffusers' `load_textual_inversion` / ComfyUI read.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from models.sdxl import TextEncoders
+from tasks.store import atomic_write
+
+KEYS = ("clip_l", "clip_g")  # text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP bigG)
+
+
+class PivotalTokens:
+    def __init__(self, encoders: TextEncoders, trigger: str = "TOK", n_tokens: int = 2,
+                 init: str | None = None, seed: int = 0):
+        if n_tokens < 1:
+            raise ValueError(f"n_tokens: expected >= 1, got {n_tokens}")
+        if not trigger or not trigger.strip():
+            raise ValueError("trigger: expected a word, got an empty string")
+        self.encoders, self.trigger = encoders, trigger
+        self._tokens = [f"<s{i}>" for i in range(n_tokens)]
+        self._pattern = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")
+        pairs = list(encoders.pairs)
+        for tokenizer, _ in pairs:  # check both before touching either
+            taken = [t for t in self._tokens if t in tokenizer.get_vocab()]
+            if taken:
+                raise ValueError(f"textual inversion: token(s) {taken} already exist in the tokenizer "
+                                 "(added twice, or a model that already carries them)")
+        gen = torch.Generator().manual_seed(seed)
+        self._ids, self._frozen = [], []
+        for tokenizer, encoder in pairs:
+            if not (tokenizer is pairs[0][0] and encoder is pairs[1][1]):  # one tokenizer for both: added once
+                tokenizer.add_tokens(self._tokens)
+            ids = tokenizer.convert_tokens_to_ids(self._tokens)
+            old = encoder.get_input_embeddings().weight
+            trainable = old.requires_grad
+            if init is not None:
+                word = tokenizer(init, add_special_tokens=False).input_ids
+                if not word:
+                    raise ValueError(f"init: {init!r} has no tokens to start from")
+                start = old.detach()[word].float().mean(dim=0).expand(n_tokens, -1)
+            else:  # the advanced script's init: random, at the scale of the existing rows
+                start = torch.randn(n_tokens, old.shape[1], generator=gen) * old.detach().float().std()
+            # mean_resizing=False: the new rows are set right below, no need for the covariance.
+            encoder.resize_token_embeddings(max(len(tokenizer), old.shape[0], max(ids) + 1),
+                                            mean_resizing=False)
+            w = encoder.get_input_embeddings().weight
+            w.requires_grad_(trainable)  # resizing makes a fresh, trainable Parameter
+            with torch.no_grad():
+                w[ids] = start.to(w)
+            frozen = torch.ones(w.shape[0], dtype=torch.bool)
+            frozen[ids] = False
+            idx = frozen.nonzero().squeeze(1).to(w.device)
+            self._ids.append(ids)
+            self._frozen.append((idx, w.detach()[idx].clone()))
+
+    @property
+    def tokens(self) -> list[str]:
+        return list(self._tokens)
+
+    def expand(self, text: str) -> str:
+        """Every whole-word trigger becomes "<s0><s1>..." ("TOK, a figure" → "<s0><s1>, a figure")."""
+        return self._pattern.sub("".join(self._tokens), text)
+
+    def _weights(self) -> list[torch.Tensor]:
+        # Looked up each time: resizing (or a later one) replaces the Embedding module.
+        return [e.get_input_embeddings().weight for e in (self.encoders.text_encoder, self.encoders.text_encoder_2)]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._weights()
+
+    def set_trainable(self, flag: bool) -> None:
+        for w in self._weights():
+            w.requires_grad_(flag)
+
+    @torch.no_grad()
+    def restore_frozen_rows(self) -> None:
+        """Put back every row but the new tokens' (call after each optimizer step)."""
+        for w, (idx, rows) in zip(self._weights(), self._frozen):
+            w.index_copy_(0, idx.to(w.device), rows.to(w))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: w.detach()[ids].float().contiguous().clone()
+                for k, w, ids in zip(KEYS, self._weights(), self._ids)}
+
+    @torch.no_grad()
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in KEYS if k not in d]
+        if missing:
+            raise ValueError(f"textual inversion embeddings: missing {missing} (expected keys {list(KEYS)})")
+        for k, w, ids in zip(KEYS, self._weights(), self._ids):
+            want = (len(ids), w.shape[1])
+            if tuple(d[k].shape) != want:
+                raise ValueError(f"textual inversion embeddings: {k} has shape {tuple(d[k].shape)}, expected "
+                                 f"{want} ({len(ids)} tokens x this text encoder's hidden size {w.shape[1]})")
+        for k, w, ids in zip(KEYS, self._weights(), self._ids):
+            w[ids] = d[k].to(w)
+
+
+def save_embeddings(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    return path
+
+
+def load_embeddings(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
