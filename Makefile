@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 export NICHE_NIGHTLY_CRON := $(NIGHTLY_CRON)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo train test venv sample server serve stop deploy-run status lock clean-demo
+.PHONY: demo train train-sdxl test venv sample server serve stop deploy-run status lock clean-demo
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt pyproject.toml
@@ -32,7 +32,8 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt py
 	touch $@
 
 # The whole job on the tiny profile: sample data -> build-dataset -> train ->
-# validate, each a flow run on a local Prefect server, DVC recording every stage.
+# validate, then the SDXL trainer (latents, negative LoRA, LoRA, sweep), each a flow
+# run on a local Prefect server, DVC recording every stage.
 # Ends with the path of the run's HTML report; leaves the server up for the UI.
 demo: venv
 	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4
@@ -40,12 +41,18 @@ demo: venv
 	@$(MAKE) --no-print-directory server
 	@$(BIN)/python -m flows.build_dataset --report
 	@$(BIN)/python -m flows.train --skip-dataset
+	@$(BIN)/python -m flows.train --skip-dataset --trainer sdxl
 	@$(BIN)/python -m flows.validate
 
 # Train NanoDiT through the train flow (dataset first, as DVC says); after `make demo`
 # this is the tiny profile: a few minutes on a CPU. Samples: runs/nanodit/samples/.
 train: server
 	@$(BIN)/python -m flows.train
+
+# The SDXL trainer through the same flow: latents, the negative LoRA on the rejects,
+# LoRA + pivotal tuning, then runs/sdxl/sweep.png.
+train-sdxl: server
+	@$(BIN)/python -m flows.train --trainer sdxl
 
 test: venv
 	$(BIN)/python -m pytest -q

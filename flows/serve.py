@@ -40,6 +40,13 @@ def deployments(root: Path, nightly_cron: str = NIGHTLY_CRON) -> list[RunnerDepl
             description=f"Bring the dataset of {root} up to date, then train NanoDiT (resumes a stopped run).",
             tags=["niche", "local"],
         ),
+        train.to_deployment(
+            name="sdxl",
+            parameters={"root": str(root), "trainer": "sdxl"},
+            description=f"Bring the dataset of {root} up to date, then the SDXL latents, the negative LoRA on "
+                        "the rejects and the LoRA with pivotal tuning (resumes a stopped run); then the sweep.",
+            tags=["niche", "local", "sdxl"],
+        ),
         validate.to_deployment(
             name="local",
             parameters={"root": str(root)},

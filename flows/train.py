@@ -1,4 +1,9 @@
-"""Flow `train`: bring the dataset up to date, then the `train` DVC stage (NanoDiT).
+"""Flow `train`: bring the dataset up to date, then a trainer's DVC stages.
+
+    trainer=nanodit   the `train` stage (NanoDiT)
+    trainer=sdxl      `latents`, the negative LoRA (`train_wrong`, on the curator's
+                      rejects), then `train_lora` (LoRA + pivotal tuning), and the
+                      checkpoint sweep grid of the LoRA run
 
 DVC decides, as everywhere: the dataset stages run only when stale, and train
 only when its code, its params section or the shards changed. A stopped or
@@ -7,7 +12,7 @@ stage's outputs persist; see tasks/train.py). The trainer's log lines reach the
 task run; the final metrics are posted as a table artifact and the run's state
 (newest checkpoint, sample grid) as a markdown artifact.
 
-    python -m flows.train [--root .] [--skip-dataset]
+    python -m flows.train [--root .] [--skip-dataset] [--trainer nanodit|sdxl]
 """
 from __future__ import annotations
 
@@ -25,9 +30,13 @@ from flows import dvc_stage
 from flows.build_dataset import build_dataset
 
 
-def run_dir(root: Path) -> Path:
+TRAINERS = {"nanodit": ("train",), "sdxl": ("latents", "train_wrong", "train_lora")}
+RUN_DEFAULTS = {"train": "nanodit", "train_lora": "sdxl", "train_wrong": "sdxl-wrong"}
+
+
+def run_dir(root: Path, section: str = "train") -> Path:
     doc = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
-    return root / "runs" / (doc.get("train") or {}).get("run", "nanodit")
+    return root / "runs" / (doc.get(section) or {}).get("run", RUN_DEFAULTS[section])
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -40,53 +49,92 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-@task(task_run_name="train", cache_policy=NO_CACHE, persist_result=False)
-def train_stage(root: str) -> dict:
+@task(task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
+def stage_task(root: str, stage: str) -> bool:
+    """A stage that is not a training run (latents): through DVC, like the dataset's."""
+    return dvc_stage.reproduce(stage, Path(root), get_run_logger())
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
+def train_stage(root: str, stage: str = "train") -> dict:
     logger = get_run_logger()
     root_p = Path(root)
-    ran = dvc_stage.reproduce("train", root_p, logger)
-    run = run_dir(root_p)
+    ran = dvc_stage.reproduce(stage, root_p, logger)
+    run = run_dir(root_p, stage)
     summary = run / "live" / "metrics.json"
     metrics = _flat(json.loads(summary.read_text())) if summary.is_file() else {}
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     grids = sorted((run / "samples").glob("step-*.png"))
     if not ran:
-        logger.info("train: up to date according to DVC; nothing to do")
+        logger.info("%s: up to date according to DVC; nothing to do", stage)
+    key = stage.replace("_", "-")
     if metrics:
-        create_table_artifact(key="train-metrics", table=[{"metric": k, "value": v} for k, v in metrics.items()],
-                              description=f"`train`: the latest logged values of {run.relative_to(root_p)}")
+        create_table_artifact(key=f"{key}-metrics", table=[{"metric": k, "value": v} for k, v in metrics.items()],
+                              description=f"`{stage}`: the latest logged values of {run.relative_to(root_p)}")
+    use = (f"python -m tasks.sample_lora generate --section {stage} --checkpoint {ckpts[-1].relative_to(root_p)} "
+           "--scene \"...\" --out out.png" if stage != "train" and ckpts else
+           f"python -m tasks.generate --checkpoint {run.relative_to(root_p)} --prompt \"...\" --out out.png")
     create_markdown_artifact(
-        key="train-run",
+        key=f"{key}-run",
         markdown="\n".join([
-            f"# train: `{run.relative_to(root_p)}`",
+            f"# {stage}: `{run.relative_to(root_p)}`",
             f"- ran this time: {'yes' if ran else 'no (fresh according to DVC)'}",
             f"- step: {metrics.get('step', '?')}, loss: {metrics.get('train/loss', '?')}",
             f"- newest checkpoint: `{ckpts[-1].relative_to(root_p) if ckpts else 'none'}`",
             f"- newest sample grid: `{grids[-1].relative_to(root_p) if grids else 'none'}`",
             "",
-            "Generate: `python -m tasks.generate --checkpoint "
-            f"{run.relative_to(root_p)} --prompt \"...\" --out out.png`",
+            f"Generate: `{use}`",
         ]),
         description="The training run's state after this flow run")
-    return {"stage": "train", "ran": ran, "metrics": metrics,
+    return {"stage": stage, "ran": ran, "metrics": metrics,
             "checkpoint": str(ckpts[-1]) if ckpts else None}
 
 
+@task(task_run_name="sweep-lora", cache_policy=NO_CACHE, persist_result=False)
+def sweep_lora(root: str) -> str:
+    """The LoRA run's checkpoints x the section's scenes x seeds, in one grid (tasks/sweep.py)."""
+    from tasks.sample_lora import SDXLSampler, negative_for
+    from tasks.stage import section_or_exit
+    from tasks.sweep import sweep
+    from tasks.train_lora_params import LoraParams
+
+    p = section_or_exit(LoraParams, "train_lora", str(Path(root) / "params.yaml"))
+    sampler = SDXLSampler(p, root=Path(root))
+    out = sampler.run_dir / "sweep.png"
+    sweep(sampler, [p.prompt_template.format(scene=s) for s in p.sweep_scenes], list(p.sweep_seeds),
+          negative_for(p), out)
+    create_markdown_artifact(key="train-lora-sweep", description="Every checkpoint of the LoRA run, side by side",
+                             markdown=f"# LoRA sweep\n`{out.relative_to(root)}`: rows are checkpoints, columns "
+                                      f"scenes x seeds; negative prompt: `{negative_for(p)}`")
+    return str(out)
+
+
 @flow(name="train", log_prints=True)
-def train(root: str = ".", skip_dataset: bool = False) -> dict:
-    """build-dataset (as a subflow, unless skipped) → train."""
+def train(root: str = ".", skip_dataset: bool = False, trainer: str = "nanodit") -> dict:
+    """build-dataset (as a subflow, unless skipped) → the trainer's stages."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer: expected one of {', '.join(TRAINERS)}, got {trainer!r}")
     root = str(Path(root).resolve())
     if not skip_dataset:
         build_dataset(root=root)
-    return train_stage(root)
+    if trainer == "nanodit":
+        return train_stage(root)
+    stage_task(root, "latents")
+    wrong = train_stage(root, "train_wrong")
+    result = train_stage(root, "train_lora")
+    drawn = Path(result["checkpoint"] or ".").parent.parent / "sweep.png"
+    # A fresh run keeps its grid; a new checkpoint (or no grid yet) draws it again.
+    sweep = sweep_lora(root) if result["checkpoint"] and (result["ran"] or not drawn.is_file()) else None
+    return {**result, "negative": wrong["checkpoint"], "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".")
     ap.add_argument("--skip-dataset", action="store_true", help="do not bring the dataset up to date first")
+    ap.add_argument("--trainer", default="nanodit", choices=sorted(TRAINERS))
     args = ap.parse_args(argv)
-    state = train(root=args.root, skip_dataset=args.skip_dataset, return_state=True)
+    state = train(root=args.root, skip_dataset=args.skip_dataset, trainer=args.trainer, return_state=True)
     sys.exit(0 if state.is_completed() else 1)
 
 

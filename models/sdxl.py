@@ -83,6 +83,11 @@ def load_text_encoders(r: ResolvedModel, param: str, dtype, device: str = "cpu")
                         enc(CLIPTextModelWithProjection, "text_encoder_2"))
 
 
+def load_vae_config(r: ResolvedModel, param: str) -> dict:
+    sub = _subfolder(r, "vae", param)
+    return json.loads(((r.path / sub) if sub else r.path).joinpath("config.json").read_text())
+
+
 def load_scheduler_config(r: ResolvedModel, param: str) -> dict:
     return json.loads((r.path / _subfolder(r, "scheduler", param) / "scheduler_config.json").read_text())
 

@@ -98,14 +98,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
     return p
 
 
-def make_repo(path: Path, figures: int = 6, photos: bool = True, bad: bool = True) -> tuple[Path, dict]:
+def make_repo(path: Path, figures: int = 6, photos: bool = True, bad: bool = True,
+              rejects: int = 0) -> tuple[Path, dict]:
     """A git + DVC repo holding this project's pipeline and a sample dataset, on
     the tiny profile (tests never touch real weights)."""
     scaffold(path)
     cwd = os.getcwd()
     os.chdir(path)
     try:
-        expected = make_sample(Path("data/raw"), figures, seed=0, photos=photos, bad_examples=bad)
+        expected = make_sample(Path("data/raw"), figures, seed=0, photos=photos, bad_examples=bad, rejects=rejects)
         apply_profile("tiny", Path("params.yaml"))
     finally:
         os.chdir(cwd)

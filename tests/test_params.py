@@ -96,8 +96,10 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     from tasks.embed_image import EmbedImageParams
     from tasks.embed_pose import EmbedPoseParams
     from tasks.embed_text import EmbedTextParams
+    from tasks.latents import LatentsParams
     from tasks.profile import apply, load_profile
     from tasks.shard import ShardParams
+    from tasks.train_lora_params import LoraParams, WrongParams
     from tasks.train_params import TrainParams
     from tasks.validate import ValidateParams
 
@@ -106,8 +108,9 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     apply("real", params, build=False)  # the checkout may be on the tiny profile (after `make demo`)
     classes = {"ingest": IngestParams, "bucket": BucketParams, "caption": CaptionParams,
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
-               "embed_pose": EmbedPoseParams, "shard": ShardParams, "train": TrainParams,
-               "validate": ValidateParams}
+               "embed_pose": EmbedPoseParams, "shard": ShardParams, "latents": LatentsParams,
+               "train": TrainParams, "validate": ValidateParams,
+               "train_lora": LoraParams, "train_wrong": WrongParams}
     doc = yaml.safe_load(params.read_text())
     assert set(doc) == set(classes)
     for section, cls in classes.items():

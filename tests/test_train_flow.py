@@ -91,3 +91,34 @@ def _exp_data(node):
         for key in ("experiments", "revs"):
             if node.get(key):
                 yield from _exp_data(node[key])
+
+
+def test_the_sdxl_trainer_runs_latents_the_negative_lora_and_the_lora_then_sweeps(tiny_repo, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.train import train
+
+    root = tiny_repo
+    doc = yaml.safe_load((root / "params.yaml").read_text())
+    doc["train_lora"].update(steps=4, checkpoint_every=2, sample_steps=2, sweep_scenes=["juggling"], sweep_seeds=[0])
+    (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    run(["git", "commit", "-qam", "small LoRA"], root)
+    dvc(root, "repro", "caption")  # the dataset stages the LoRA reads (build-dataset would also embed and shard)
+    result = train(root=str(root), skip_dataset=True, trainer="sdxl")
+    assert result["ran"] and Path(result["checkpoint"]).name == "step-000004"
+    # This sample set has no rejects: the negative LoRA stage says so and succeeds.
+    assert result["negative"] is None and (root / "runs/sdxl-wrong/checkpoints/NO_SAMPLES.txt").is_file()
+    layout = json.loads(Path(result["sweep"]).with_suffix(".json").read_text())
+    assert len(layout["rows"]) == 2
+    for stage in ("latents", "train_wrong", "train_lora"):
+        assert "up to date" in dvc(root, "status", "--with-deps", stage).stdout, stage
+    again = train(root=str(root), skip_dataset=True, trainer="sdxl")
+    assert not again["ran"] and again["sweep"] is None  # DVC: fresh; the grid stands
+
+    async def artifacts():
+        async with get_client() as client:
+            keys = ["train-lora-metrics", "train-lora-run", "train-lora-sweep"]
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+            return {a.key for a in arts}
+    assert asyncio.run(artifacts()) == {"train-lora-metrics", "train-lora-run", "train-lora-sweep"}

@@ -77,4 +77,4 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
     _, nightly_tasks, nightly_logs, nightly_arts = asyncio.run(_flow_run_details(nightly.id, "already validated"))
     assert any("already validated" in entry.message for entry in nightly_logs)
     assert not {a.key for a in nightly_arts} & {"validation-metrics", "validation-summary"}
-    assert "up to date" in run([str(BIN / "dvc"), "status"], root).stdout
+    assert "up to date" in run([str(BIN / "dvc"), "status", "--with-deps", "validate"], root).stdout

@@ -1,0 +1,276 @@
+"""Stage `latents`: each bucketed image → its SDXL VAE latent distribution
+(mean and std of the diagonal Gaussian, (4, H/8, W/8), float16, unscaled).
+
+The SDXL trainer reads these instead of running the VAE every step. Each item
+carries its sample's content id in its safetensors metadata, and the trainer
+loads it through `read_latent(path, expect_id)`: a latent can never be paired
+with another image's caption, as a cache indexed by loader position can be when
+the loader shuffles (diffusers' advanced SDXL script with `--cache_latents`).
+
+    python -m tasks.latents           # reads params.yaml:latents
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from models import sdxl
+from models.hub import ResolvedModel, SetupError, fingerprint, resolve
+from tasks import manifest
+from tasks.bucket import STORE as BUCKET_STORE
+from tasks.stage import ItemError, Report, default_workers, run_batches, stage_main
+from tasks.store import Store, item_key, write_tensors
+
+log = logging.getLogger("niche.latents")
+
+VERSION = 1  # bump when the arrays written for the same key would change (e.g. the resize filter)
+STORE = Path("data/derived/latents")
+# Latent sides must be divisible by 8 for the SDXL UNet's down/up-sampling, and
+# the VAE divides by 8: encoded pixel sides are multiples of 64.
+MULTIPLE = 64
+VAE_FACTOR = 8
+# Only the VAE's weights (and the configs): with NICHE_ALLOW_DOWNLOAD=1 this stage
+# must not fetch a 10 GB UNet it never runs. Covers a standalone VAE repo too.
+VAE_ALLOW = ["*.json", "vae/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors"]
+
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("bucket", pa.string(), nullable=False),  # "WxH" of the bucket stage
+    pa.field("width", pa.int32(), nullable=False),  # encoded pixel size (SDXL's target size)
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("latent_width", pa.int32(), nullable=False),  # width / 8
+    pa.field("latent_height", pa.int32(), nullable=False),
+    pa.field("orig_width", pa.int32()),  # the original image (ingest), null when not found there
+    pa.field("orig_height", pa.int32()),
+    pa.field("crop_left", pa.int32(), nullable=False),  # crop origin, in encoded pixels
+    pa.field("crop_top", pa.int32(), nullable=False),
+    pa.field("key", pa.string()),  # null when the item failed
+    pa.field("file", pa.string()),  # path of the item in the store
+    pa.field("error", pa.string()),  # why it failed, null when it did not
+])
+
+
+@dataclass(frozen=True)
+class LatentsParams:
+    model: str = sdxl.DEFAULT_MODEL  # SDXL diffusers folder or hub id, or a standalone VAE folder
+    revision: str | None = None  # hub commit/branch; None: the cached snapshot
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the VAE's compute dtype; float16 overflows in the SDXL VAE
+    image_scale: float = 1.0  # encode at this fraction of the bucket size (rounded to 64 px)
+    batch_size: int = 4  # images of one bucket per forward pass
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    splits: tuple[str, ...] = ("train", "holdout", "rejected")  # manifest splits to encode
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("latents.model: expected a hub id or a local folder")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"latents.dtype: expected float32 or bfloat16, got {self.dtype!r} "
+                             "(the SDXL VAE overflows to NaN in float16)")
+        if not 0 < self.image_scale <= 1:
+            raise ValueError(f"latents.image_scale: expected a number in (0, 1], got {self.image_scale}")
+        if self.batch_size < 1:
+            raise ValueError(f"latents.batch_size: expected a positive integer, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"latents.device: expected auto, cpu or cuda, got {self.device!r}")
+        if not self.splits or not all(self.splits) or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"latents.splits: expected distinct, non-empty split names, got {list(self.splits)}")
+
+
+class LatentMismatch(ValueError):
+    """A latent file that does not belong to the sample it was paired with."""
+
+
+def encoded_size(width: int, height: int, image_scale: float) -> tuple[int, int]:
+    """The bucket size scaled and rounded (half up) to a multiple of 64, at least 64."""
+    def side(n: int) -> int:
+        return max(MULTIPLE, int(n * image_scale / MULTIPLE + 0.5) * MULTIPLE)
+    return side(width), side(height)
+
+
+def vae_key(r: ResolvedModel) -> str:
+    """The VAE's part of the key. For a local SDXL folder only vae/ is fingerprinted:
+    a new UNet or text encoder in the same folder does not change a single latent.
+    A hub snapshot's commit names the VAE's weights already."""
+    if r.revision.startswith("local-") and (r.path / "vae" / "config.json").is_file():
+        return f"{r.id}/vae@local-{fingerprint(r.path / 'vae')}"
+    return r.key()
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SetupError("latents.device: 'cuda', but torch sees no CUDA device here; set it to auto or cpu")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_image(path: Path, size: tuple[int, int], encode: tuple[int, int]) -> np.ndarray:
+    """The bucket stage's PNG, checked to be what it wrote, resized to `encode` → (H, W, 3) uint8."""
+    if not path.is_file():
+        raise ItemError(f"bucketed image {path} is missing; run the bucket stage again")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB" or im.size != size:
+                raise ItemError(f"bucketed image {path} is {im.mode} {im.width}x{im.height}, "
+                                f"expected RGB {size[0]}x{size[1]}")
+            if im.size != encode:
+                im = im.resize(encode, Image.Resampling.LANCZOS)
+            return np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise ItemError(f"bucketed image {path} is unreadable ({e}); run the bucket stage again") from None
+
+
+def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
+            store_dir: Path = STORE, workers: int | None = None) -> Report:
+    """`workers` threads decode and resize a batch's PNGs; the VAE spreads itself over the cores."""
+    p.validate()
+    import torch
+
+    samples = [s for s in manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
+               if s["split"] in p.splits]
+    originals = {s["id"]: (s["width"], s["height"]) for s in
+                 manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()}
+    resolved = resolve(p.model, "latents.model", p.revision, allow_patterns=VAE_ALLOW)
+    vkey = vae_key(resolved)
+    device = pick_device(p.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[p.dtype]
+    store = Store(store_dir, ".safetensors")
+
+    rows, upstream, by_id, work = [], {}, {}, []
+    for s in samples:
+        w, h = encoded_size(s["width"], s["height"], p.image_scale)
+        fx, fy = w / s["width"], h / s["height"]  # bucket pixels -> encoded pixels
+        orig = originals.get(s["id"], (None, None))
+        row = dict(id=s["id"], split=s["split"], bucket=s["bucket"], width=w, height=h,
+                   latent_width=w // VAE_FACTOR, latent_height=h // VAE_FACTOR,
+                   orig_width=orig[0], orig_height=orig[1],
+                   # bucket_xy = (src_xy - (left, top)) * scale, so the crop origin is
+                   # (left, top) * scale in the resized-to-cover image; then to encoded pixels.
+                   crop_left=round(s["left"] * s["scale"] * fx), crop_top=round(s["top"] * s["scale"] * fy),
+                   key=None, file=None, error=None)
+        rows.append(row)
+        if s["error"] is not None or s["key"] is None:
+            upstream[s["id"]] = f"no bucketed image ({s['error']})"
+            continue
+        if orig[0] is None:
+            upstream[s["id"]] = "not in ingest.parquet (no original size for SDXL); run ingest and bucket again"
+            continue
+        key = item_key("latents", VERSION, [s["id"], s["key"]],
+                       {"bucket": s["bucket"], "size": [w, h], "dtype": p.dtype}, model=vkey)
+        row.update(key=key, file=store.relpath(key))
+        by_id[s["id"]] = row | {"bucket_file": s["file"], "bucket_size": (s["width"], s["height"])}
+        work.append((s["id"], key))
+
+    vae = None
+
+    def load(item_id: str) -> np.ndarray | ItemError:
+        r = by_id[item_id]
+        try:
+            return load_image(BUCKET_STORE / r["bucket_file"], r["bucket_size"], (r["width"], r["height"]))
+        except ItemError as e:
+            return e
+
+    def compute_batch(batch: list[tuple[str, str]]) -> dict[str, str]:
+        nonlocal vae
+        if vae is None:  # loaded on the first missing item: a cached run never reads the weights
+            vae = sdxl.load_vae(resolved, "latents.model", dtype, device)
+        errors, ok, images = {}, [], []
+        for (item_id, key), img in zip(batch, pool.map(load, [i for i, _ in batch])):
+            if isinstance(img, ItemError):
+                errors[item_id] = str(img)
+            else:
+                images.append(img)
+                ok.append((item_id, key))
+        if not ok:
+            return errors
+        # NCHW contiguous: a permuted (channels-last) view takes another conv kernel on CPUs,
+        # whose latents differ by ~1e-2 from the same image encoded the usual way.
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        x = x.to(device=device, dtype=torch.float32)
+        x = (x / 127.5 - 1.0).to(dtype)  # [-1, 1], as SDXL's VAE was trained
+        with torch.inference_mode():
+            dist = vae.encode(x).latent_dist
+            mean, std = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+        for j, (item_id, key) in enumerate(ok):
+            r = by_id[item_id]
+            # Contiguous copies: `mean` is a channel slice of the VAE's moments, and
+            # safetensors (0.8) writes a strided array's memory, not its values.
+            m16, s16 = np.ascontiguousarray(mean[j], np.float16), np.ascontiguousarray(std[j], np.float16)
+            if not (np.isfinite(m16).all() and np.isfinite(s16).all()):
+                errors[item_id] = "non-finite latent (VAE overflow, or out of float16 range)"
+                continue
+            meta = {"id": item_id, "bucket": r["bucket"], "width": str(r["width"]), "height": str(r["height"]),
+                    "vae": vkey, "dtype": p.dtype, "scaling_factor": repr(float(vae.config.scaling_factor))}
+            write_tensors(store, key, {"mean": m16, "std": s16}, meta)
+        return errors
+
+    # A fatal VAE problem fails every batch; run_batches then raises with the reason.
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        report = run_batches("latents", work, store, compute_batch, p.batch_size,
+                             group=lambda item_id: by_id[item_id]["bucket"])
+
+    for r in rows:
+        err = upstream.get(r["id"]) or report.failures.get(r["id"])
+        if err is not None:
+            r.update(key=None, file=None, error=err)
+    manifest.write_table(rows, SCHEMA, out_dir / "latents.parquet", sort_by="id")
+
+    report.total = len(rows)
+    report.failures = {**upstream, **report.failures}
+    report.failed = len(report.failures)
+    sizes: dict[str, int] = {}
+    splits: dict[str, int] = {}
+    for r in rows:
+        if r["error"] is None:
+            size = f"{r['width']}x{r['height']}"
+            sizes[size] = sizes.get(size, 0) + 1
+            splits[r["split"]] = splits.get(r["split"], 0) + 1
+    report.extra = {"per_size": dict(sorted(sizes.items())), "per_split": dict(sorted(splits.items())),
+                    "no_image": len(upstream), "tiny_model": resolved.tiny,
+                    # Which items failed and why, where `dvc metrics show` and the flow see them.
+                    "failures": dict(sorted(report.failures.items()))}
+    return report
+
+
+def read_latent(path: Path | str, expect_id: str) -> dict:
+    """One latent item: {"mean", "std": float16 (4, h, w) arrays, "meta": its metadata}.
+
+    Raises LatentMismatch when the item was computed for another sample than
+    `expect_id` — the check that keeps a latent with its own caption. The meta
+    holds id, bucket, width and height (encoded pixels), vae, dtype and
+    scaling_factor (the trainer multiplies samples of the latent by it).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent {path} (sample {expect_id}) is missing; run the latents stage again")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        got = meta.get("id")
+        if got != expect_id:
+            raise LatentMismatch(f"latent {path} belongs to sample {got}, not to {expect_id}: "
+                                 "the latents table and the store disagree; run the latents stage again")
+        out = {name: f.get_tensor(name) for name in ("mean", "std")}
+    meta.update(width=int(meta["width"]), height=int(meta["height"]),
+                scaling_factor=float(meta["scaling_factor"]))
+    return {**out, "meta": meta}
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main("latents", LatentsParams, latents, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The SDXL trainer's data: the latents stage's rows, each with its own prompt.
+
+One row carries a sample's latent file AND its caption (joined on the content id
+here, once), and every latent file names the sample it belongs to in its metadata,
+checked on each read: however the batches are shuffled, a latent is never paired
+with another image's caption (diffusers' advanced script shuffles the cached latents
+and the captions separately under `--cache_latents`).
+
+Batches hold one bucket each (one tensor shape). The order is a seeded permutation
+per epoch, and the position (epoch, batch) is saved in checkpoints: a resumed run
+sees the very batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from models.sdxl_objective import time_ids
+from tasks.latents import STORE as LATENTS_STORE
+from tasks.latents import read_latent
+
+log = logging.getLogger("niche.train_lora")
+
+LATENTS_TABLE = Path("data/manifest/latents.parquet")
+CAPTION_TABLE = Path("data/manifest/caption.parquet")
+
+
+class NoSamples(ValueError):
+    """The configured split has no usable sample."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    file: Path
+    bucket: str
+    size: tuple[int, int]  # (width, height) of the encoded image
+    prompt: str
+    time_ids: tuple[int, ...]
+
+
+def load_rows(root: Path, p) -> list[Row]:
+    """The split's usable rows. Samples whose latent or caption failed upstream are left out,
+    each named in the log with its reason; no row at all is an error naming the split."""
+    table = root / LATENTS_TABLE
+    if not table.is_file():
+        raise FileNotFoundError(f"{table} is missing: run the latents stage first (dvc repro latents)")
+    captions: dict[str, str | None] = {}
+    if p.prompt is None:
+        cap = root / CAPTION_TABLE
+        if not cap.is_file():
+            raise FileNotFoundError(f"{cap} is missing: run the caption stage (or set {p.SECTION}.prompt)")
+        captions = {r["id"]: r["text"] for r in pq.read_table(cap, columns=["id", "text"]).to_pylist()}
+    rows, left_out = [], {}
+    for r in sorted(pq.read_table(table).to_pylist(), key=lambda r: r["id"]):
+        if r["split"] != p.split:
+            continue
+        if r.get("error") or not r.get("file"):
+            left_out[r["id"]] = f"no latent ({r.get('error') or 'failed upstream'})"
+            continue
+        if p.prompt is None and not captions.get(r["id"]):
+            left_out[r["id"]] = "no caption (the caption stage failed or skipped it)"
+            continue
+        ids = time_ids((r["orig_height"], r["orig_width"]), (r["crop_top"], r["crop_left"]),
+                       (r["height"], r["width"]))
+        rows.append(Row(r["id"], root / LATENTS_STORE / r["file"], r["bucket"], (r["width"], r["height"]),
+                        p.prompt_for(captions.get(r["id"])), tuple(ids)))
+    for item, why in sorted(left_out.items()):
+        log.warning("%s: sample %s left out: %s", p.SECTION, item, why)
+    if not rows:
+        raise NoSamples(f"{p.SECTION}.split: no usable sample of split {p.split!r} in {table}"
+                         + (f" ({len(left_out)} left out, see the warnings)" if left_out else ""))
+    return rows
+
+
+class BucketBatches:
+    """Seeded, resumable batches of one bucket each; every sample once per epoch (a bucket's
+    last, smaller batch included: with 50 images, dropping remainders would drop images)."""
+
+    def __init__(self, rows: list[Row], batch_size: int, seed: int):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._cached and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = random.Random(f"{self.seed}:{epoch}")
+        by_bucket: dict[str, list[int]] = {}
+        for i, r in enumerate(self.rows):
+            by_bucket.setdefault(r.bucket, []).append(i)
+        batches = []
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            rng.shuffle(idx)
+            batches += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
+        rng.shuffle(batches)
+        self._cached = (epoch, batches)
+        return batches
+
+    def next(self) -> list[Row]:
+        batches = self._epoch_batches(self.epoch)
+        if self.index >= len(batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            batches = self._epoch_batches(self.epoch)
+        batch = [self.rows[i] for i in batches[self.index]]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "n": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def load_latents(batch: list[Row], scaling_factor: float, sample: bool, g: torch.Generator) -> torch.Tensor:
+    """(B, 4, h, w) scaled latents: the posterior's mean, or a draw from it."""
+    out = []
+    for r in batch:
+        item = read_latent(r.file, expect_id=r.id)
+        mean, std = torch.as_tensor(item["mean"]).float(), torch.as_tensor(item["std"]).float()
+        x = mean + std * torch.randn(mean.shape, generator=g) if sample else mean
+        out.append(x * scaling_factor)
+    return torch.stack(out)
