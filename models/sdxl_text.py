@@ -57,7 +57,7 @@ def _device(module) -> torch.device:
 
 
 def encode_prompts(encoders: TextEncoders, texts: list[str], max_chunks: int = 1,
-                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   device=None, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt_embeds (B, 77·k, hidden_1 + hidden_2) and pooled (B, projection_2).
 
     Penultimate hidden states of each encoder (as SDXL was trained), concatenated on the
@@ -72,7 +72,7 @@ def encode_prompts(encoders: TextEncoders, texts: list[str], max_chunks: int = 1
     feats, pooled = [], None
     for i, (tokenizer, encoder) in enumerate(encoders.pairs):
         # The two real tokenizers share one vocabulary: one warning per long prompt is enough.
-        ids = _batch_ids(tokenizer, texts, max_chunks, warn=i == 0)
+        ids = _batch_ids(tokenizer, texts, max_chunks, warn=warn and i == 0)
         b, k, n = ids.shape
         dev = device if device is not None else _device(encoder)
         # All chunks of all prompts in one forward: CLIP gets no attention mask here (as in

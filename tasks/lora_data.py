@@ -66,6 +66,10 @@ def load_rows(root: Path, p) -> list[Row]:
         if p.prompt is None and not captions.get(r["id"]):
             left_out[r["id"]] = "no caption (the caption stage failed or skipped it)"
             continue
+        why = _check_latent(root / LATENTS_STORE / r["file"], r["id"])
+        if why:
+            left_out[r["id"]] = why
+            continue
         ids = time_ids((r["orig_height"], r["orig_width"]), (r["crop_top"], r["crop_left"]),
                        (r["height"], r["width"]))
         rows.append(Row(r["id"], root / LATENTS_STORE / r["file"], r["bucket"], (r["width"], r["height"]),
@@ -76,6 +80,22 @@ def load_rows(root: Path, p) -> list[Row]:
         raise NoSamples(f"{p.SECTION}.split: no usable sample of split {p.split!r} in {table}"
                          + (f" ({len(left_out)} left out, see the warnings)" if left_out else ""))
     return rows
+
+
+def _check_latent(path: Path, item_id: str) -> str | None:
+    """Why the latent cannot be used (missing, unreadable, another sample's), or None. Only the
+    header is read: checking 70,000 files costs seconds, and a bad one is left out up front
+    instead of stopping the run hours in."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            got = (f.metadata() or {}).get("id")
+    except (OSError, ValueError, SafetensorError) as e:
+        return f"latent {path} unreadable ({e}); run the latents stage again"
+    if got != item_id:
+        return f"latent {path} belongs to sample {got}, not to this one: run the latents stage again"
+    return None
 
 
 class BucketBatches:

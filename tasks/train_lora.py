@@ -117,6 +117,7 @@ class LoraTrainer:
             t.requires_grad_(True)
         self.train_text = bool(self.te_lora or self.ti_params)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.warned: set[str] = set()
         sched_cfg = sdxl.load_scheduler_config(self.model, f"{p.SECTION}.model")
         self.objective = Objective(p.objective, sched_cfg, p.noise_offset, p.t_shift)
         self.scaling = float(sdxl.load_vae_config(self.model, f"{p.SECTION}.model")["scaling_factor"])
@@ -178,8 +179,10 @@ class LoraTrainer:
     # ------------------------------------------------------------ text
     def _prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.pivotal.expand(t) if self.pivotal else t for t in texts]
-        if self.train_text:
-            return encode_prompts(self.text, texts, self.p.max_chunks, self.device)
+        if self.train_text:  # live every step: a too-long prompt is named once, not every epoch
+            warn = not self.warned.issuperset(texts)
+            self.warned.update(texts)
+            return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=warn)
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:  # frozen encoders: each distinct prompt is encoded once for the whole run
             with torch.no_grad():
