@@ -125,7 +125,7 @@ def unet_config(size: str) -> dict:
     raise ValueError(f"unet size: expected real or tiny, got {size!r}")
 
 
-def _clip_vocab() -> tuple[dict, list[str]]:
+def clip_vocab() -> tuple[dict, list[str]]:
     """A byte-level BPE vocabulary CLIPTokenizer accepts: every byte alone and word-final,
     a few merges, and the two special tokens. Text tokenizes mostly into characters, which
     makes long prompts long (good for testing the 75-token chunking)."""
@@ -147,7 +147,7 @@ def build_tiny_sdxl(folder: Path) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(0)
-    vocab, merges = _clip_vocab()
+    vocab, merges = clip_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
                               model_max_length=TOKENIZER_MAX)
     text_cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tasks.params import from_dict
@@ -109,6 +108,13 @@ def test_flow_objective_with_chunked_prompts_text_encoder_lora_and_prompt_drop(r
     assert all(v == v for _, v in losses(root / "runs/sdxl"))  # finite (NaN != NaN)
     keys = load_file(root / "runs/sdxl/checkpoints/step-000002/lora/pytorch_lora_weights.safetensors").keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    # Sampling inverts the objective: a flow-match Euler schedule whose shift changes the image.
+    from tasks.sample_lora import SDXLSampler
+    ckpt = root / "runs/sdxl/checkpoints/step-000002"
+    images = [SDXLSampler(params(objective="flow", max_chunks=3, ti=False, sample_shift=shift), root=root,
+                          device="cpu").sample(ckpt, "a figure dancing", 0, "") for shift in (3.0, 6.0)]
+    assert images[0].size == min(r.size for r in trainer.rows)  # the first trained size
+    assert images[0].tobytes() != images[1].tobytes()
 
 
 def test_frozen_text_encoders_run_once_per_prompt(root):
@@ -200,3 +206,12 @@ def test_gradient_checkpointing_trains_the_same_lora(root, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [v for _, v in losses(root / "runs/sdxl")] == pytest.approx([v for _, v in losses(other / "runs/sdxl")],
                                                                         abs=1e-6)
+
+
+def test_prodigy_estimates_its_own_step_size(root):
+    LoraTrainer(params(optimizer="prodigy", lr=1.0, text_encoder_lr=1.0, steps=2), root=root).fit()
+    state = torch.load(root / "runs/sdxl/checkpoints/step-000002/state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["unet", "text"] and all(g["d"] > 0 for g in groups)
+    lora = load_file(root / "runs/sdxl/checkpoints/step-000002/lora/pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in lora.values())
