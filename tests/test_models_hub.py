@@ -59,5 +59,5 @@ def test_profiles_switch_only_their_keys_and_keep_comments(tmp_path):
     assert "models/tiny/t5" in text and "# One section per stage" in text
     apply("real", params, build=False)
     assert params.read_text() == before
-    with pytest.raises(SystemExit, match="known: real, tiny"):
+    with pytest.raises(SystemExit, match="known: bigasp, particleart, real, tiny"):
         apply("huge", params, build=False)
