@@ -22,7 +22,7 @@ from models import dinov3
 from models.hub import resolve, torch_device, torch_dtype
 from tasks import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.stage import ItemError, Report, default_workers, run_batches, stage_main
+from tasks.stage import ItemError, Report, default_workers, run_batches, settle_rows, stage_main
 from tasks.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.embed_image")
@@ -142,15 +142,8 @@ def embed_image(p: EmbedImageParams, in_dir: Path = manifest.MANIFEST_DIR, out_d
         report = run_batches("embed_image", work, store, compute_batch, p.batch_size,
                              group=lambda item_id: by_id[item_id]["bucket"])
 
-    for r in rows:
-        err = upstream.get(r["id"]) or report.failures.get(r["id"])
-        if err is not None:
-            r.update(key=None, file=None, error=err)
-    manifest.write_table(rows, SCHEMA, out_dir / "embed_image.parquet", sort_by="id")
-
-    report.total = len(rows)
-    report.failures = {**upstream, **report.failures}
-    report.failed = len(report.failures)
+    settle_rows(rows, upstream, report,
+                lambda rs: manifest.write_table(rs, SCHEMA, out_dir / "embed_image.parquet", sort_by="id"))
     counts: dict[str, int] = {}
     for r in rows:
         if r["error"] is None:

@@ -25,7 +25,7 @@ from models import sdxl
 from models.hub import ResolvedModel, SetupError, fingerprint, resolve
 from tasks import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.stage import ItemError, Report, default_workers, run_batches, stage_main
+from tasks.stage import ItemError, Report, default_workers, run_batches, settle_rows, stage_main
 from tasks.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.latents")
@@ -220,15 +220,8 @@ def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
         report = run_batches("latents", work, store, compute_batch, p.batch_size,
                              group=lambda item_id: by_id[item_id]["bucket"])
 
-    for r in rows:
-        err = upstream.get(r["id"]) or report.failures.get(r["id"])
-        if err is not None:
-            r.update(key=None, file=None, error=err)
-    manifest.write_table(rows, SCHEMA, out_dir / "latents.parquet", sort_by="id")
-
-    report.total = len(rows)
-    report.failures = {**upstream, **report.failures}
-    report.failed = len(report.failures)
+    settle_rows(rows, upstream, report,
+                lambda rs: manifest.write_table(rs, SCHEMA, out_dir / "latents.parquet", sort_by="id"))
     sizes: dict[str, int] = {}
     splits: dict[str, int] = {}
     for r in rows:

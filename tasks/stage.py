@@ -156,6 +156,20 @@ def run_items(
     return _finish(report, len(todo), t0)
 
 
+def settle_rows(rows: list[dict], upstream: dict[str, str], report: Report,
+                write_table: Callable[[list[dict]], Any]) -> None:
+    """A model stage's end: each row failed upstream or in `report` gets key and file null and
+    its reason, the table is written, and the report counts every row and every failure."""
+    for r in rows:
+        err = upstream.get(r["id"]) or report.failures.get(r["id"])
+        if err is not None:
+            r.update(key=None, file=None, error=err)
+    write_table(rows)
+    report.total = len(rows)
+    report.failures = {**upstream, **report.failures}
+    report.failed = len(report.failures)
+
+
 def run_batches(
     stage: str,
     work: Iterable[tuple[str, str]],
