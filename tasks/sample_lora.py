@@ -59,7 +59,8 @@ class SDXLSampler:
         self.model = sdxl.resolve_sdxl(p.model, f"{p.SECTION}.model")
         self.pipe = sdxl.load_pipeline(self.model, f"{p.SECTION}.model", self.dtype, self.device)
         self.vae_dtype = torch.float32  # the SDXL VAE overflows in fp16 and loses colour in bf16
-        self.pipe.vae.to(self.vae_dtype)
+        if self.pipe.vae.dtype != self.vae_dtype:
+            self.pipe.vae.to(self.vae_dtype)
         self.sched_cfg = sdxl.load_scheduler_config(self.model, f"{p.SECTION}.model")
         self.objective = Objective(p.objective, self.sched_cfg, 0.0, p.t_shift)
         self.loaded: Path | None = None
@@ -111,6 +112,7 @@ class SDXLSampler:
         self.loaded = ckpt
 
     def size(self) -> tuple[int, int]:
+        """sample_size, else the size the run trained on most."""
         if self.p.sample_size:
             return tuple(self.p.sample_size)
         return tuple(self.meta.get("sizes", [[1024, 1024]])[0])

@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from models import sdxl
 from models.hub import SetupError, torch_device
 from models.sdxl_objective import Objective
-from models.sdxl_text import encode_prompts
+from models.sdxl_text import CHUNK, encode_prompts
 from tasks import lora_data, train_state
 from tasks.params import as_dict
 from tasks.stage import section_or_exit, setup_logging
@@ -117,7 +118,7 @@ class LoraTrainer:
             t.requires_grad_(True)
         self.train_text = bool(self.te_lora or self.ti_params)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.warned: set[str] = set()
+        self._check_prompt_lengths()
         sched_cfg = sdxl.load_scheduler_config(self.model, f"{p.SECTION}.model")
         self.objective = Objective(p.objective, sched_cfg, p.noise_offset, p.t_shift)
         self.scaling = float(sdxl.load_vae_config(self.model, f"{p.SECTION}.model")["scaling_factor"])
@@ -179,21 +180,33 @@ class LoraTrainer:
     # ------------------------------------------------------------ text
     def _prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.pivotal.expand(t) if self.pivotal else t for t in texts]
-        if self.train_text:  # live every step: a too-long prompt is named once, not every epoch
-            warn = not self.warned.issuperset(texts)
-            self.warned.update(texts)
-            return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=warn)
+        if self.train_text:  # live every step (too-long prompts: one summary line at the start)
+            return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=False)
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:  # frozen encoders: each distinct prompt is encoded once for the whole run
             with torch.no_grad():
-                e, pooled = encode_prompts(self.text, missing, self.p.max_chunks, self.device)
+                e, pooled = encode_prompts(self.text, missing, self.p.max_chunks, self.device, warn=False)
             for i, t in enumerate(missing):
                 self.cache[t] = (e[i], pooled[i])
         n = max(self.cache[t][0].shape[0] for t in texts)
         if any(self.cache[t][0].shape[0] != n for t in texts):  # mixed chunk counts: re-encode together
             with torch.no_grad():
-                return encode_prompts(self.text, texts, self.p.max_chunks, self.device)
+                return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=False)
         return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
+
+    def _check_prompt_lengths(self) -> None:
+        """One line for the whole dataset, not one per caption: long VLM captions are common, and
+        CLIP reads only max_chunks x 75 tokens of each."""
+        texts = sorted({self.pivotal.expand(r.prompt) if self.pivotal else r.prompt for r in self.rows})
+        budget = CHUNK * self.p.max_chunks
+        ids = self.text.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+        long = [(len(i), t) for i, t in zip(ids, texts) if len(i) > budget]
+        if long:
+            n, example = max(long)
+            log.warning("%s: %d of %d prompts are longer than %d tokens (max_chunks %d x %d); CLIP never reads "
+                        "their ends (the longest, %d tokens: %.70r...). Raise %s.max_chunks (up to 3) or shorten "
+                        "the captions", self.p.SECTION, len(long), len(texts), budget, self.p.max_chunks, CHUNK, n,
+                        example, self.p.SECTION)
 
     def _freeze_ti(self) -> None:
         for t in self.ti_params:
@@ -306,7 +319,9 @@ class LoraTrainer:
                 "section": self.p.SECTION, "params": as_dict(self.p), "model": self.model.key(),
                 "tokens": self.pivotal.tokens if self.pivotal else [], "trigger": self.p.trigger,
                 "scaling_factor": self.scaling, "buckets": sorted({r.bucket for r in self.rows}),
-                "sizes": sorted({r.size for r in self.rows})}
+                # Most common first: what samples default to (tasks/sample_lora.py).
+                "sizes": [list(sz) for sz, _ in sorted(Counter(r.size for r in self.rows).items(),
+                                                         key=lambda kv: (-kv[1], kv[0]))]}
         try:
             lora_file = save_lora(tmp / "lora", self.unet, *te)
             save_kohya(lora_file, tmp / "kohya.safetensors")

@@ -78,7 +78,7 @@ class LoraParams:
     sample_steps: int = 30
     guidance_scale: float = 5.0
     sample_shift: float = 3.0               # flow: the Euler schedule's shift (bigASP: 3 to 6)
-    sample_size: tuple[int, int] | None = None  # (width, height); null: the first training bucket
+    sample_size: tuple[int, int] | None = None  # (width, height); null: the size trained on most
     sweep_scenes: tuple[str, ...] = ("juggling three balls", "dancing", "riding a bicycle")
     sweep_seeds: tuple[int, ...] = (0, 1)
 

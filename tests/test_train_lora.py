@@ -55,11 +55,15 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")]
 
 
-def test_pivotal_tuning_trains_the_tokens_then_freezes_them_and_each_checkpoint_keeps_its_own(root):
+def test_pivotal_tuning_trains_the_tokens_then_freezes_them_and_each_checkpoint_keeps_its_own(root, caplog):
     p = params(keep_states=1)
-    trainer = LoraTrainer(p, root=root)
-    base_rows = trainer.text.text_encoder.get_input_embeddings().weight[:-2].detach().clone()
-    assert trainer.fit()["step"] == 6
+    with caplog.at_level(logging.WARNING):
+        trainer = LoraTrainer(p, root=root)
+        base_rows = trainer.text.text_encoder.get_input_embeddings().weight[:-2].detach().clone()
+        assert trainer.fit()["step"] == 6
+    # The tiny tokenizer reads characters: every caption is too long, said in one line, not one per caption.
+    assert sum("prompts are longer than 75 tokens" in m for m in caplog.messages) == 1
+    assert not any("are dropped" in m for m in caplog.messages)
     ckpts = dict(finished(root / "runs/sdxl/checkpoints"))
     assert sorted(ckpts) == [2, 4, 6]
     emb = {s: load_file(d / "embeddings.safetensors") for s, d in ckpts.items()}
@@ -113,7 +117,8 @@ def test_flow_objective_with_chunked_prompts_text_encoder_lora_and_prompt_drop(r
     ckpt = root / "runs/sdxl/checkpoints/step-000002"
     images = [SDXLSampler(params(objective="flow", max_chunks=3, ti=False, sample_shift=shift), root=root,
                           device="cpu").sample(ckpt, "a figure dancing", 0, "") for shift in (3.0, 6.0)]
-    assert images[0].size == min(r.size for r in trainer.rows)  # the first trained size
+    sizes = [r.size for r in trainer.rows]
+    assert images[0].size == max(sorted(set(sizes)), key=sizes.count)  # the size trained on most
     assert images[0].tobytes() != images[1].tobytes()
 
 
