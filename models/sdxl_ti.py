@@ -13,6 +13,7 @@ the advanced script writes and diffusers' `load_textual_inversion` / ComfyUI rea
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,15 +25,20 @@ KEYS = ("clip_l", "clip_g")  # text_encoder (CLIP ViT-L), text_encoder_2 (OpenCL
 
 
 class PivotalTokens:
-    def __init__(self, encoders: TextEncoders, trigger: str = "TOK", n_tokens: int = 2,
+    """`trigger`: one word, or several (one abstraction each, as the advanced script's
+    --token_abstraction "TOK,TOK2"): n_tokens new tokens per word, <s0><s1> for the first,
+    <s2><s3> for the second, ..."""
+
+    def __init__(self, encoders: TextEncoders, trigger: str | Sequence[str] = "TOK", n_tokens: int = 2,
                  init: str | None = None, seed: int = 0):
         if n_tokens < 1:
             raise ValueError(f"n_tokens: expected >= 1, got {n_tokens}")
-        if not trigger or not trigger.strip():
-            raise ValueError("trigger: expected a word, got an empty string")
-        self.encoders, self.trigger = encoders, trigger
-        self._tokens = [f"<s{i}>" for i in range(n_tokens)]
-        self._pattern = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")
+        triggers = [trigger] if isinstance(trigger, str) else list(trigger)
+        if not triggers or any(not t or not t.strip() for t in triggers) or len(set(triggers)) != len(triggers):
+            raise ValueError(f"trigger: expected one or more distinct words, got {trigger!r}")
+        self.encoders, self.triggers = encoders, triggers
+        self._abstractions = {t: [f"<s{i * n_tokens + j}>" for j in range(n_tokens)] for i, t in enumerate(triggers)}
+        self._tokens = [tok for toks in self._abstractions.values() for tok in toks]
         pairs = list(encoders.pairs)
         for tokenizer, _ in pairs:  # check both before touching either
             taken = [t for t in self._tokens if t in tokenizer.get_vocab()]
@@ -51,9 +57,9 @@ class PivotalTokens:
                 word = tokenizer(init, add_special_tokens=False).input_ids
                 if not word:
                     raise ValueError(f"init: {init!r} has no tokens to start from")
-                start = old.detach()[word].float().mean(dim=0).expand(n_tokens, -1)
+                start = old.detach()[word].float().mean(dim=0).expand(len(self._tokens), -1)
             else:  # the advanced script's init: random, at the scale of the existing rows
-                start = torch.randn(n_tokens, old.shape[1], generator=gen) * old.detach().float().std()
+                start = torch.randn(len(self._tokens), old.shape[1], generator=gen) * old.detach().float().std()
             # mean_resizing=False: the new rows are set right below, no need for the covariance.
             encoder.resize_token_embeddings(max(len(tokenizer), old.shape[0], max(ids) + 1),
                                             mean_resizing=False)
@@ -71,9 +77,14 @@ class PivotalTokens:
     def tokens(self) -> list[str]:
         return list(self._tokens)
 
+    @property
+    def abstractions(self) -> dict[str, list[str]]:
+        """{trigger: its tokens}, e.g. {"TOK": ["<s0>", "<s1>"]}."""
+        return {t: list(toks) for t, toks in self._abstractions.items()}
+
     def expand(self, text: str) -> str:
-        """Every whole-word trigger becomes "<s0><s1>..." ("TOK, a figure" → "<s0><s1>, a figure")."""
-        return self._pattern.sub("".join(self._tokens), text)
+        """Every whole-word trigger becomes its tokens ("TOK, a figure" → "<s0><s1>, a figure")."""
+        return expand(text, self._abstractions)
 
     def _weights(self) -> list[torch.Tensor]:
         # Looked up each time: resizing (or a later one) replaces the Embedding module.
@@ -108,6 +119,13 @@ class PivotalTokens:
                                  f"{want} ({len(ids)} tokens x this text encoder's hidden size {w.shape[1]})")
         for k, w, ids in zip(KEYS, self._weights(), self._ids):
             w[ids] = d[k].to(w)
+
+
+def expand(text: str, abstractions: dict[str, list[str]]) -> str:
+    """Each whole-word trigger of `abstractions` ({trigger: tokens}) replaced by its tokens."""
+    for trigger, tokens in abstractions.items():
+        text = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", "".join(tokens), text)
+    return text
 
 
 def save_embeddings(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:

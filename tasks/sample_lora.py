@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -29,18 +28,13 @@ from models import sdxl
 from models.hub import SetupError, torch_device
 from models.sdxl_objective import Objective, denoise, time_ids
 from models.sdxl_text import encode_prompts
+from models.sdxl_ti import expand
 from tasks.sweep import SweepError, sweep
 from tasks.train_lora import SECTIONS, finished
 from tasks.train_lora_params import LoraParams
 
 log = logging.getLogger("niche.sample_lora")
 WRONG = "wrong"
-
-
-def expand(text: str, trigger: str, tokens: list[str]) -> str:
-    if not tokens:
-        return text
-    return re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", "".join(tokens), text)
 
 
 def negative_for(p: LoraParams) -> str:
@@ -121,8 +115,7 @@ class SDXLSampler:
     def sample(self, ckpt: Path, prompt: str, seed: int, negative: str | None) -> Image.Image:
         self._use(ckpt)
         pipe, meta = self.pipe, self.meta
-        texts = [expand(t, meta.get("trigger", self.p.trigger), meta.get("tokens", []))
-                 for t in (prompt, negative or "")]
+        texts = [expand(t, meta.get("abstractions", {})) for t in (prompt, negative or "")]
         enc = sdxl.TextEncoders(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
         embeds, pooled = encode_prompts(enc, texts, self.p.max_chunks, self.device)
         w, h = self.size()

@@ -13,7 +13,8 @@ step N's tokens:
     meta.json                               step, fingerprint, params, tokens, base model
     state.pt                                optimizer, scheduler, RNG, data position (newest keep_states only)
 
-Pivotal tuning: new tokens <s0><s1> stand for the trigger word in both text encoders;
+Pivotal tuning: new tokens <s0><s1> stand for the trigger word (<s2><s3> for a second
+abstraction, ...) in both text encoders;
 their embeddings train (at text_encoder_lr) for the first ti_frac of the steps, then
 freeze while the LoRA goes on. Frozen text encoders run once per distinct prompt (a
 cache), not every step. Resume is exact (the seeded per-step generator, the data
@@ -317,7 +318,8 @@ class LoraTrainer:
                  "data": self.batches.state_dict(), "rng": train_state.rng_state(), "counters": dict(self.counters)}
         meta = {"step": self.step, "loss": loss, "time": time.time(), "fingerprint": self.fp, "format": FORMAT,
                 "section": self.p.SECTION, "params": as_dict(self.p), "model": self.model.key(),
-                "tokens": self.pivotal.tokens if self.pivotal else [], "trigger": self.p.trigger,
+                "tokens": self.pivotal.tokens if self.pivotal else [],
+                "abstractions": self.pivotal.abstractions if self.pivotal else {},
                 "scaling_factor": self.scaling, "buckets": sorted({r.bucket for r in self.rows}),
                 # Most common first: what samples default to (tasks/sample_lora.py).
                 "sizes": [list(sz) for sz, _ in sorted(Counter(r.size for r in self.rows).items(),

@@ -29,7 +29,9 @@ class LoraParams:
     # --- data: the latents stage's rows of this split, with their captions or one fixed prompt
     split: str = "train"                    # train | rejected (the negative LoRA) | holdout
     prompt: str | None = None               # every image's prompt (the negative LoRA: "wrong"); null: captions
-    trigger: str = "TOK"                    # the word the new tokens stand for; prepended when a caption lacks it
+    # The words new tokens stand for, one abstraction each: <s0><s1> for the first, <s2><s3> for the
+    # next (a caption holding none of them gets the first prepended).
+    trigger: tuple[str, ...] = ("TOK",)
     latent_sample: bool = True              # draw from the VAE posterior (diffusers' scripts) or use its mean
     # --- objective
     objective: Literal["ddpm", "flow"] = "ddpm"  # the base model's noise prediction, or bigASP's flow matching
@@ -112,8 +114,9 @@ class LoraParams:
                 raise bad(key, ">= 0")
         if not self.target_modules:
             raise bad("target_modules", "at least one module name")
-        if self.ti and not self.trigger.strip():
-            raise bad("trigger", "a word for the new tokens to stand for (ti is on)")
+        if self.ti and (not self.trigger or len(set(self.trigger)) != len(self.trigger)
+                        or any(not t or t != t.strip() or any(c in t for c in " ,\n") for t in self.trigger)):
+            raise bad("trigger", "one or more distinct words (no spaces or commas) for the new tokens (ti is on)")
         if "{scene}" not in self.prompt_template:
             raise bad("prompt_template", "a template with {scene}")
         if self.sample_size is not None and (len(self.sample_size) != 2 or any(s % 64 for s in self.sample_size)):
@@ -127,8 +130,13 @@ class LoraParams:
         """What the model reads for one image (before the trigger becomes <s0><s1>)."""
         if self.prompt is not None:
             return self.prompt
+        import re
+
         from tasks.caption import apply_trigger
-        return apply_trigger(caption or "", self.trigger) if self.ti else (caption or "")
+        text = caption or ""
+        if not self.ti or any(re.search(rf"(?<!\w){re.escape(t)}(?!\w)", text) for t in self.trigger):
+            return text
+        return apply_trigger(text, self.trigger[0])
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,16 @@ def test_expand_replaces_whole_words_only(enc):
     assert ti.expand("TOKEN tok xTOK TOK_1") == "TOKEN tok xTOK TOK_1"
 
 
+def test_one_abstraction_per_trigger_word(enc):
+    ti = PivotalTokens(enc, trigger=["TOK", "PRT"], n_tokens=2)
+    assert ti.tokens == ["<s0>", "<s1>", "<s2>", "<s3>"]
+    assert ti.abstractions == {"TOK": ["<s0>", "<s1>"], "PRT": ["<s2>", "<s3>"]}
+    assert ti.expand("TOK, a PRT figure") == "<s0><s1>, a <s2><s3> figure"
+    assert {k: tuple(v.shape) for k, v in ti.state_dict().items()} == {"clip_l": (4, 32), "clip_g": (4, 32)}
+    with pytest.raises(ValueError, match="distinct words"):
+        PivotalTokens(enc, trigger=["TOK", "TOK"])
+
+
 def test_init_from_a_word_and_seeded_random_init(enc, tiny_models):
     ti = PivotalTokens(enc, n_tokens=2, init="figure")
     for (tok, model), k in zip(enc.pairs, ("clip_l", "clip_g")):

@@ -78,8 +78,8 @@ def test_pivotal_tuning_trains_the_tokens_then_freezes_them_and_each_checkpoint_
     assert torch.equal(trainer.text.text_encoder.get_input_embeddings().weight[:-2], base_rows)
     # Every checkpoint has its LoRA in both formats; the optimizer state only the newest keep_states.
     for d in ckpts.values():
-        assert (d / "kohya.safetensors").is_file() and json.loads((d / "meta.json").read_text())["tokens"] == \
-            ["<s0>", "<s1>"]
+        assert (d / "kohya.safetensors").is_file()
+        assert json.loads((d / "meta.json").read_text())["abstractions"] == {"TOK": ["<s0>", "<s1>"]}
     assert [s for s, d in ckpts.items() if (d / "state.pt").is_file()] == [6]
     assert all(k.startswith(("lora_unet_", "lora_te")) for k in load_file(ckpts[6] / "kohya.safetensors"))
 
@@ -220,3 +220,18 @@ def test_prodigy_estimates_its_own_step_size(root):
     assert [g["name"] for g in groups] == ["unet", "text"] and all(g["d"] > 0 for g in groups)
     lora = load_file(root / "runs/sdxl/checkpoints/step-000002/lora/pytorch_lora_weights.safetensors")
     assert all(torch.isfinite(v).all() for v in lora.values())
+
+
+def test_two_abstractions_each_with_their_tokens_and_a_sample_that_uses_both(root):
+    p = params(trigger=["TOK", "PRT"], steps=2, ti_frac=1.0)
+    LoraTrainer(p, root=root).fit()
+    ckpt = root / "runs/sdxl/checkpoints/step-000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["abstractions"] == {"TOK": ["<s0>", "<s1>"], "PRT": ["<s2>", "<s3>"]}
+    assert load_file(ckpt / "embeddings.safetensors")["clip_g"].shape == (4, 32)
+    from tasks.sample_lora import SDXLSampler
+    sampler = SDXLSampler(p, root=root, device="cpu")
+    a = sampler.sample(ckpt, "TOK, a PRT figure", 0, "")
+    b = sampler.sample(ckpt, "<s0><s1>, a <s2><s3> figure", 0, "")
+    c = sampler.sample(ckpt, "TOK, a figure", 0, "")
+    assert a.tobytes() == b.tobytes() != c.tobytes()  # each word became its own tokens
