@@ -99,11 +99,14 @@ def _check_latent(path: Path, item_id: str) -> str | None:
 
 
 class BucketBatches:
-    """Seeded, resumable batches of one bucket each; every sample once per epoch (a bucket's
+    """Seeded, resumable batches of one bucket (and chunk count) each; every sample once per epoch (a bucket's
     last, smaller batch included: with 50 images, dropping remainders would drop images)."""
 
-    def __init__(self, rows: list[Row], batch_size: int, seed: int):
+    def __init__(self, rows: list[Row], batch_size: int, seed: int, chunks: dict[str, int] | None = None):
+        """`chunks` ({prompt: 75-token chunks}): batches also keep chunk counts apart, as bigASP
+        does, so a long prompt does not pad every prompt of its batch to three chunks."""
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.chunks = chunks or {}
         self.epoch, self.index = 0, 0
         self._cached: tuple[int, list[list[int]]] | None = None
 
@@ -111,12 +114,12 @@ class BucketBatches:
         if self._cached and self._cached[0] == epoch:
             return self._cached[1]
         rng = random.Random(f"{self.seed}:{epoch}")
-        by_bucket: dict[str, list[int]] = {}
+        groups: dict[tuple[str, int], list[int]] = {}
         for i, r in enumerate(self.rows):
-            by_bucket.setdefault(r.bucket, []).append(i)
+            groups.setdefault((r.bucket, self.chunks.get(r.prompt, 1)), []).append(i)
         batches = []
-        for bucket in sorted(by_bucket):
-            idx = by_bucket[bucket]
+        for group in sorted(groups):
+            idx = groups[group]
             rng.shuffle(idx)
             batches += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
         rng.shuffle(batches)

@@ -87,7 +87,6 @@ class LoraTrainer:
         self.bf16 = p.precision == "bf16" or (p.precision == "auto" and self.device.type == "cuda")
         self.run_dir = self.root / "runs" / p.run
         self.rows = lora_data.load_rows(self.root, p)
-        self.batches = lora_data.BucketBatches(self.rows, p.batch_size, p.seed)
         self.model = sdxl.resolve_sdxl(p.model, f"{p.SECTION}.model")
         base_dtype = torch.bfloat16 if self.bf16 else torch.float32  # frozen weights; LoRA stays fp32
         with torch.random.fork_rng(devices=[]):  # LoRA init and new tokens: a function of the seed alone
@@ -119,7 +118,7 @@ class LoraTrainer:
             t.requires_grad_(True)
         self.train_text = bool(self.te_lora or self.ti_params)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._check_prompt_lengths()
+        self.batches = lora_data.BucketBatches(self.rows, p.batch_size, p.seed, self._prompt_chunks())
         sched_cfg = sdxl.load_scheduler_config(self.model, f"{p.SECTION}.model")
         self.objective = Objective(p.objective, sched_cfg, p.noise_offset, p.t_shift)
         self.scaling = float(sdxl.load_vae_config(self.model, f"{p.SECTION}.model")["scaling_factor"])
@@ -195,12 +194,14 @@ class LoraTrainer:
                 return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=False)
         return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
 
-    def _check_prompt_lengths(self) -> None:
-        """One line for the whole dataset, not one per caption: long VLM captions are common, and
-        CLIP reads only max_chunks x 75 tokens of each."""
-        texts = sorted({self.pivotal.expand(r.prompt) if self.pivotal else r.prompt for r in self.rows})
+    def _prompt_chunks(self) -> dict[str, int]:
+        """{prompt: its 75-token chunks}, and one warning line for the whole dataset (not one per
+        caption: long VLM captions are common, and CLIP reads only max_chunks x 75 tokens)."""
+        prompts = sorted({r.prompt for r in self.rows})
+        texts = [self.pivotal.expand(t) if self.pivotal else t for t in prompts]
         budget = CHUNK * self.p.max_chunks
         ids = self.text.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+        chunks = {t: min(max(1, -(-len(i) // CHUNK)), self.p.max_chunks) for t, i in zip(prompts, ids)}
         long = [(len(i), t) for i, t in zip(ids, texts) if len(i) > budget]
         if long:
             n, example = max(long)
@@ -208,6 +209,7 @@ class LoraTrainer:
                         "their ends (the longest, %d tokens: %.70r...). Raise %s.max_chunks (up to 3) or shorten "
                         "the captions", self.p.SECTION, len(long), len(texts), budget, self.p.max_chunks, CHUNK, n,
                         example, self.p.SECTION)
+        return chunks
 
     def _freeze_ti(self) -> None:
         for t in self.ti_params:

@@ -54,3 +54,22 @@ def test_constant_and_cosine_schedules_warm_up_then_hold_or_decay():
     assert const(0) == pytest.approx(0.1) and const(9) == 1.0 and const(99) == 1.0
     assert cos(10) == 1.0 and cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-9)
     assert math.isclose(cos(5), const(5))
+
+
+def test_batches_keep_buckets_and_chunk_counts_apart_and_resume_in_place():
+    from pathlib import Path
+
+    from tasks.lora_data import BucketBatches, Row
+
+    rows = [Row(f"{i:02d}", Path(f"{i}.safetensors"), "1024x1024" if i % 2 else "832x1216", (128, 128),
+                f"prompt {i}", (1024, 1024, 0, 0, 128, 128)) for i in range(12)]
+    chunks = {f"prompt {i}": 1 + (i % 3 == 0) for i in range(12)}
+    b = BucketBatches(rows, batch_size=4, seed=0, chunks=chunks)
+    epoch = [b.next() for _ in range(4)]  # (2 buckets x 2 chunk counts), batches of 4, 2 or 4
+    assert sorted(r.id for batch in epoch for r in batch) == sorted(r.id for r in rows)  # each once
+    assert all(len({(r.bucket, chunks[r.prompt]) for r in batch}) == 1 for batch in epoch)
+    b.next()
+    state = b.state_dict()
+    again = BucketBatches(rows, batch_size=4, seed=0, chunks=chunks)
+    again.load_state_dict(state)
+    assert [r.id for r in again.next()] == [r.id for r in b.next()]
