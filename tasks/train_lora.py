@@ -118,6 +118,7 @@ class LoraTrainer:
             t.requires_grad_(True)
         self.train_text = bool(self.te_lora or self.ti_params)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_bytes, self.cache_full = 0, False
         self.batches = lora_data.BucketBatches(self.rows, p.batch_size, p.seed, self._prompt_chunks())
         sched_cfg = sdxl.load_scheduler_config(self.model, f"{p.SECTION}.model")
         self.objective = Objective(p.objective, sched_cfg, p.noise_offset, p.t_shift)
@@ -182,17 +183,34 @@ class LoraTrainer:
         texts = [self.pivotal.expand(t) if self.pivotal else t for t in texts]
         if self.train_text:  # live every step (too-long prompts: one summary line at the start)
             return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=False)
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if missing:  # frozen encoders: each distinct prompt is encoded once for the whole run
-            with torch.no_grad():
-                e, pooled = encode_prompts(self.text, missing, self.p.max_chunks, self.device, warn=False)
-            for i, t in enumerate(missing):
-                self.cache[t] = (e[i], pooled[i])
-        n = max(self.cache[t][0].shape[0] for t in texts)
-        if any(self.cache[t][0].shape[0] != n for t in texts):  # mixed chunk counts: re-encode together
+        got = {}
+        for t in dict.fromkeys(texts):  # frozen encoders: each distinct prompt is encoded once for the run
+            if t not in self.cache:
+                # One prompt at a time: its embedding never depends on which batch it first came in.
+                with torch.no_grad():
+                    e, pooled = encode_prompts(self.text, [t], self.p.max_chunks, self.device, warn=False)
+                self._remember(t, e[0], pooled[0])
+                got[t] = (e[0], pooled[0])
+            else:
+                got[t] = self.cache[t]
+        if len({got[t][0].shape[0] for t in texts}) > 1:  # mixed chunk counts: pad with empty chunks alike
             with torch.no_grad():
                 return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=False)
-        return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
+        return (torch.stack([got[t][0] for t in texts]).to(self.device),
+                torch.stack([got[t][1] for t in texts]).to(self.device))
+
+    def _remember(self, text: str, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Cache on the host, up to text_cache_gb: 70,000 captions would take ~44 GB (77 x 2048
+        fp32 each); past the cap, prompts are encoded again when they come (the same numbers)."""
+        size = embeds.numel() * embeds.element_size() + pooled.numel() * pooled.element_size()
+        if self.cache_bytes + size > self.p.text_cache_gb * 2**30:
+            if not self.cache_full:
+                log.info("%s: text cache full at %d prompts (%s.text_cache_gb = %s); the rest are encoded "
+                         "when they come", self.p.SECTION, len(self.cache), self.p.SECTION, self.p.text_cache_gb)
+                self.cache_full = True
+            return
+        self.cache[text] = (embeds.cpu(), pooled.cpu())
+        self.cache_bytes += size
 
     def _prompt_chunks(self) -> dict[str, int]:
         """{prompt: its 75-token chunks}, and one warning line for the whole dataset (not one per

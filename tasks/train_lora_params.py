@@ -14,7 +14,7 @@ from models.sdxl import DEFAULT_MODEL
 
 # Settings that change neither the trajectory nor the checkpoints' contents: a run resumes across them.
 NOT_TRAJECTORY = frozenset({"steps", "checkpoint_every", "keep_states", "log_every", "nan_patience",
-                            "resume", "device", "prompt_template", "negative_prompt",
+                            "resume", "device", "text_cache_gb", "prompt_template", "negative_prompt",
                             "sample_steps", "guidance_scale", "sample_shift", "negative_lora",
                             "negative_lora_scale", "sweep_scenes", "sweep_seeds", "sample_size"})
 
@@ -32,6 +32,7 @@ class LoraParams:
     # The words new tokens stand for, one abstraction each: <s0><s1> for the first, <s2><s3> for the
     # next (a caption holding none of them gets the first prepended).
     trigger: tuple[str, ...] = ("TOK",)
+    text_cache_gb: float = 8.0              # host memory for frozen text encoders' outputs (~0.6 MB a prompt)
     latent_sample: bool = True              # draw from the VAE posterior (diffusers' scripts) or use its mean
     # --- objective
     objective: Literal["ddpm", "flow"] = "ddpm"  # the base model's noise prediction, or bigASP's flow matching
@@ -108,8 +109,8 @@ class LoraParams:
         for key in ("lr", "alpha", "t_shift", "sample_shift"):
             if getattr(self, key) <= 0:
                 raise bad(key, "a positive number")
-        for key in ("text_encoder_lr", "noise_offset", "weight_decay", "grad_clip", "warmup_steps",
-                    "guidance_scale", "negative_lora_scale"):
+        for key in ("text_encoder_lr", "text_cache_gb", "noise_offset", "weight_decay", "grad_clip",
+                    "warmup_steps", "guidance_scale", "negative_lora_scale"):
             if getattr(self, key) < 0:
                 raise bad(key, ">= 0")
         if not self.target_modules:

@@ -122,15 +122,25 @@ def test_flow_objective_with_chunked_prompts_text_encoder_lora_and_prompt_drop(r
     assert images[0].tobytes() != images[1].tobytes()
 
 
-def test_frozen_text_encoders_run_once_per_prompt(root):
+def test_frozen_text_encoders_run_once_per_prompt_and_a_full_cache_changes_nothing(root, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(root, other, symlinks=True)
+
+    def fit_counting(p, where):
+        trainer = LoraTrainer(p, root=where)
+        calls = []
+        handle = trainer.text.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+        trainer.fit()
+        handle.remove()
+        return trainer, len(calls)
+
     p = params(ti=False, steps=12, checkpoint_every=12)
-    trainer = LoraTrainer(p, root=root)
-    calls = []
-    handle = trainer.text.text_encoder.register_forward_hook(lambda *a: calls.append(1))
-    trainer.fit()
-    handle.remove()
+    trainer, cached = fit_counting(p, root)
     # Live, it would run at every step (12, two epochs); cached, once per distinct prompt at most.
-    assert 1 <= len(calls) <= len({r.prompt for r in trainer.rows}) < p.steps
+    assert 1 <= cached <= len({r.prompt for r in trainer.rows}) < p.steps
+    _, uncached = fit_counting(params(ti=False, steps=12, checkpoint_every=12, text_cache_gb=0.0), other)
+    assert uncached >= p.steps  # no room: encoded again each time, to the same numbers
+    assert losses(root / "runs/sdxl") == losses(other / "runs/sdxl")
 
 
 def test_a_latent_paired_with_another_samples_row_is_left_out_and_the_rest_trains(root, caplog):
