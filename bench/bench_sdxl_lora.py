@@ -18,8 +18,8 @@ clip, AdamW, LR scheduler, zero_grad.
 TI: frozen encoders run once per prompt). on: both text encoders of real SDXL are built from
 configs (CLIP ViT-L/14 text and OpenCLIP bigG text with projection, vocabulary 49,408, fp32 as
 the trainer loads them) and the pivotal-tuning tokens <s0><s1> train through them every step
-(`models.sdxl_ti.PivotalTokens` + `models.sdxl_text.encode_prompts`, the embedding matrices in
-AdamW, restore_frozen_rows after each step): the trainer's first ti_frac of the steps. The
+(`models.sdxl_ti.PivotalTokens` + `models.sdxl_text.encode_prompts`, only the new rows in
+AdamW, sync_rows after each step): the trainer's first ti_frac of the steps. The
 tokenizer is the tiny byte-level one (no files); the sequence is always 77 tokens, so the cost
 is the real one. Latents are one fixed random batch on the device (the trainer reads a small
 latent file per sample: not timed here).
@@ -140,9 +140,7 @@ def build(args, device: torch.device) -> dict:
                 params={"unet_base": sum(q.numel() for q in unet.parameters() if not q.requires_grad),
                         "lora_trainable": sum(q.numel() for q in lora),
                         "text_encoders": te_params,
-                        "ti_tensors": sum(t.numel() for t in pivotal.parameters()) if pivotal else 0,
-                        "ti_rows_that_move": sum(p.ti_tokens * t.shape[1] for t in pivotal.parameters())
-                        if pivotal else 0})
+                        "ti_trainable": sum(t.numel() for t in pivotal.parameters()) if pivotal else 0})
 
 
 def make_step(m: dict, args, device: torch.device):
@@ -174,7 +172,7 @@ def make_step(m: dict, args, device: torch.device):
         m["opt"].zero_grad(set_to_none=True)
         m["sched"].step()
         if m["pivotal"]:
-            m["pivotal"].restore_frozen_rows()
+            m["pivotal"].sync_rows()
         return float(loss.detach())
 
     return step
@@ -290,8 +288,8 @@ def main() -> None:
     if "params" in r:
         pr = r["params"]
         print(f"params: UNet base {pr['unet_base']:,} frozen, LoRA {pr['lora_trainable']:,} trainable"
-              + (f"; text encoders {pr['text_encoders']:,}, their embedding tables ({pr['ti_tensors']:,}) in "
-                 f"AdamW, {pr['ti_rows_that_move']:,} of them move" if pr["text_encoders"] else "")
+              + (f"; text encoders {pr['text_encoders']:,} frozen, new token rows {pr['ti_trainable']:,} in AdamW"
+                 if pr["text_encoders"] else "")
               + f"; built in {r.get('build_s', '?')} s")
     if "error" in r:
         print(f"ERROR: {r['error']}")

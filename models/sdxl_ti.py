@@ -3,9 +3,10 @@
 The trigger word of the captions ("TOK") is replaced by fresh tokens that have no
 prior meaning, whose embedding rows are trained with the LoRA for the first part of
 training, then frozen (the diffusers advanced SDXL DreamBooth recipe). Only the new
-rows may change: the whole embedding matrix requires grad (an nn.Embedding has one
-weight), so after each optimizer step `restore_frozen_rows` puts every other row
-back — weight decay and Adam's momentum would otherwise drift all 49,408 tokens.
+rows are parameters: a forward hook on each token-embedding layer puts them in place
+of the matrix's rows for those ids. The 49,408-row matrices stay frozen, so they get
+no gradient and no optimizer state (~1.2 GB fp32 for SDXL's two, which training the
+whole matrix and restoring the old rows after each step would cost).
 
 The rows are saved as {"clip_l": (n, 768), "clip_g": (n, 1280)} safetensors, the file
 the advanced script writes and diffusers' `load_textual_inversion` / ComfyUI read.
@@ -46,7 +47,7 @@ class PivotalTokens:
                 raise ValueError(f"textual inversion: token(s) {taken} already exist in the tokenizer "
                                  "(added twice, or a model that already carries them)")
         gen = torch.Generator().manual_seed(seed)
-        self._ids, self._frozen = [], []
+        self._ids, self._rows = [], []
         for tokenizer, encoder in pairs:
             if not (tokenizer is pairs[0][0] and encoder is pairs[1][1]):  # one tokenizer for both: added once
                 tokenizer.add_tokens(self._tokens)
@@ -63,15 +64,16 @@ class PivotalTokens:
             # mean_resizing=False: the new rows are set right below, no need for the covariance.
             encoder.resize_token_embeddings(max(len(tokenizer), old.shape[0], max(ids) + 1),
                                             mean_resizing=False)
-            w = encoder.get_input_embeddings().weight
-            w.requires_grad_(trainable)  # resizing makes a fresh, trainable Parameter
+            emb = encoder.get_input_embeddings()
+            emb.weight.requires_grad_(trainable)  # resizing makes a fresh, trainable Parameter
             with torch.no_grad():
-                w[ids] = start.to(w)
-            frozen = torch.ones(w.shape[0], dtype=torch.bool)
-            frozen[ids] = False
-            idx = frozen.nonzero().squeeze(1).to(w.device)
+                emb.weight[ids] = start.to(emb.weight)  # a plain lookup (no hook) sees them too
+            rows = torch.nn.Parameter(start.to(emb.weight.device, torch.float32).clone(), requires_grad=trainable)
+            slot = torch.full((emb.weight.shape[0],), -1, dtype=torch.long, device=emb.weight.device)
+            slot[ids] = torch.arange(len(ids), device=emb.weight.device)
+            emb.register_forward_hook(_put_rows(rows, slot))
             self._ids.append(ids)
-            self._frozen.append((idx, w.detach()[idx].clone()))
+            self._rows.append(rows)
 
     @property
     def tokens(self) -> list[str]:
@@ -87,38 +89,53 @@ class PivotalTokens:
         return expand(text, self._abstractions)
 
     def _weights(self) -> list[torch.Tensor]:
-        # Looked up each time: resizing (or a later one) replaces the Embedding module.
         return [e.get_input_embeddings().weight for e in (self.encoders.text_encoder, self.encoders.text_encoder_2)]
 
     def parameters(self) -> list[torch.Tensor]:
-        return self._weights()
+        """The new rows, (n, 768) and (n, 1280): all that pivotal tuning trains."""
+        return list(self._rows)
 
     def set_trainable(self, flag: bool) -> None:
-        for w in self._weights():
-            w.requires_grad_(flag)
+        for rows in self._rows:
+            rows.requires_grad_(flag)
 
     @torch.no_grad()
-    def restore_frozen_rows(self) -> None:
-        """Put back every row but the new tokens' (call after each optimizer step)."""
-        for w, (idx, rows) in zip(self._weights(), self._frozen):
-            w.index_copy_(0, idx.to(w.device), rows.to(w))
+    def sync_rows(self) -> None:
+        """Copy the trained rows into the matrices (call after each optimizer step), so code that
+        reads the matrices without the hook (a pipeline saved from these encoders) agrees."""
+        for w, ids, rows in zip(self._weights(), self._ids, self._rows):
+            w[ids] = rows.to(w)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: w.detach()[ids].float().contiguous().clone()
-                for k, w, ids in zip(KEYS, self._weights(), self._ids)}
+        return {k: rows.detach().float().contiguous().clone() for k, rows in zip(KEYS, self._rows)}
 
     @torch.no_grad()
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
         missing = [k for k in KEYS if k not in d]
         if missing:
             raise ValueError(f"textual inversion embeddings: missing {missing} (expected keys {list(KEYS)})")
-        for k, w, ids in zip(KEYS, self._weights(), self._ids):
-            want = (len(ids), w.shape[1])
-            if tuple(d[k].shape) != want:
+        for k, rows in zip(KEYS, self._rows):
+            if tuple(d[k].shape) != tuple(rows.shape):
                 raise ValueError(f"textual inversion embeddings: {k} has shape {tuple(d[k].shape)}, expected "
-                                 f"{want} ({len(ids)} tokens x this text encoder's hidden size {w.shape[1]})")
-        for k, w, ids in zip(KEYS, self._weights(), self._ids):
-            w[ids] = d[k].to(w)
+                                 f"{tuple(rows.shape)} ({rows.shape[0]} tokens x this text encoder's hidden "
+                                 f"size {rows.shape[1]})")
+        for k, rows in zip(KEYS, self._rows):
+            rows.copy_(d[k].to(rows))
+        self.sync_rows()
+
+
+def _put_rows(rows: torch.nn.Parameter, slot: torch.Tensor):
+    """A forward hook: the embedding layer's output, with the new tokens' positions taken from
+    `rows` (slot[id] = the row of a new token, -1 for every other id)."""
+    def hook(module, args, out):
+        k = slot[args[0]]
+        hit = k >= 0
+        if not bool(hit.any()):
+            return out
+        out = out.clone()
+        out[hit] = rows[k[hit]].to(out.dtype)
+        return out
+    return hook
 
 
 def expand(text: str, abstractions: dict[str, list[str]]) -> str:

@@ -275,7 +275,7 @@ class LoraTrainer:
             self.opt.zero_grad(set_to_none=True)
             self.sched.step()
             if self.pivotal:
-                self.pivotal.restore_frozen_rows()  # only the new tokens' rows may move
+                self.pivotal.sync_rows()  # the matrices follow the trained rows (a plain lookup agrees)
             self.step = step + 1
             self.counters["nonfinite_in_a_row"] = 0
             if win.spike(loss) is not None:
