@@ -121,6 +121,16 @@ def make_repo(path: Path, figures: int = 6, photos: bool = True, bad: bool = Tru
     return path, expected
 
 
+def bucketed_sample(buckets, figures: int = 6) -> None:
+    """Sample figures ingested and bucketed in the current folder: the model stages' input."""
+    from tasks.bucket import bucket
+    from tasks.ingest import IngestParams, ingest
+
+    make_sample(Path("data/raw"), figures=figures, photos=False, bad_examples=False)
+    ingest(IngestParams(), workers=2)
+    bucket(buckets, workers=2)
+
+
 @pytest.fixture
 def chdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -19,6 +19,7 @@ from tasks.caption import (DEFAULT_INSTRUCTION, FLAG_MAX_TOKENS, FLAG_REPETITION
 from tasks.ingest import IngestParams, ingest
 from tasks.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
+from tests.conftest import bucketed_sample
 
 M = Path("data/manifest")
 SMALL = BucketParams(buckets=((256, 256), (320, 192), (192, 320)))
@@ -35,9 +36,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def bucketed(chdir):
-    make_sample(Path("data/raw"), figures=4, photos=False, bad_examples=False)
-    ingest(IngestParams(), workers=2)
-    bucket(SMALL, workers=2)
+    bucketed_sample(SMALL, figures=4)
     return chdir
 
 

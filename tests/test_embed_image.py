@@ -14,12 +14,11 @@ from models.hub import ModelMissing
 from tasks import embed_image as stage
 from tasks import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.bucket import BucketParams, bucket
+from tasks.bucket import BucketParams
 from tasks.embed_image import EmbedImageParams, embed_image
-from tasks.ingest import IngestParams, ingest
 from tasks.params import from_dict
-from tasks.sample.__main__ import make_sample
 from tasks.store import Store, read_tensors
+from tests.conftest import bucketed_sample
 
 M = Path("data/manifest")
 SMALL = BucketParams(buckets=((256, 256), (320, 192), (192, 320)))
@@ -33,9 +32,7 @@ def tiny_dino(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def bucketed(chdir) -> Path:
-    make_sample(Path("data/raw"), figures=6, photos=False, bad_examples=False)
-    ingest(IngestParams(), workers=2)
-    bucket(SMALL, workers=2)
+    bucketed_sample(SMALL, figures=6)
     return chdir
 
 

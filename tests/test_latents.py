@@ -15,13 +15,11 @@ from models.sdxl import load_vae
 from tasks import latents as stage
 from tasks import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.bucket import BucketParams, bucket
-from tasks.ingest import IngestParams, ingest
+from tasks.bucket import BucketParams
 from tasks.latents import LatentMismatch, LatentsParams, encoded_size, latents, read_latent
 from tasks.params import ParamsError, from_dict
-from tasks.sample.__main__ import make_sample
 from tasks.store import Store
-from tests.conftest import BIN, run
+from tests.conftest import BIN, bucketed_sample, run
 
 M = Path("data/manifest")
 # Multiples of 64 at half scale: three encoded sizes, 128x128, 256x128 and 128x256.
@@ -35,9 +33,7 @@ def vae_dir(tiny_models) -> Path:
 
 @pytest.fixture
 def bucketed(chdir) -> Path:
-    make_sample(Path("data/raw"), figures=6, photos=False, bad_examples=False)
-    ingest(IngestParams(), workers=2)
-    bucket(SMALL, workers=2)
+    bucketed_sample(SMALL, figures=6)
     return chdir
 
 
