@@ -28,10 +28,8 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -67,12 +65,8 @@ def lr_lambda(p: LoraParams):
 
 
 def finished(checkpoints: Path) -> list[tuple[int, Path]]:
-    """Checkpoints with their LoRA (meta.json is written last), oldest first."""
-    if not checkpoints.is_dir():
-        return []
-    out = [(int(m.group(1)), d) for d in checkpoints.iterdir()
-           if (m := train_state.STEP_DIR.match(d.name)) and (d / "meta.json").is_file()]
-    return sorted(out)
+    """Checkpoints with their LoRA, oldest first; older ones keep no state.pt (keep_states)."""
+    return train_state.step_dirs(checkpoints, need=("meta.json",))
 
 
 class LoraTrainer:
@@ -148,7 +142,7 @@ class LoraTrainer:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def _resume(self) -> None:
-        ckpts = [d for _, d in finished(self.run_dir / "checkpoints") if (d / "state.pt").is_file()]
+        ckpts = [d for _, d in train_state.step_dirs(self.run_dir / "checkpoints")]
         if ckpts and self.p.resume == "auto":
             meta = train_state.read_meta(ckpts[-1])
             if meta.get("fingerprint") == self.fp:
@@ -326,8 +320,6 @@ class LoraTrainer:
         from models.sdxl_ti import save_embeddings
 
         ckpts = self.run_dir / "checkpoints"
-        ckpts.mkdir(parents=True, exist_ok=True)
-        final, tmp = ckpts / f"step-{self.step:06d}", ckpts / f".step-{self.step:06d}.{uuid.uuid4().hex[:8]}.tmp"
         te = [enc if self.p.text_encoder_lora else None for enc in (self.text.text_encoder, self.text.text_encoder_2)]
         lora = {"unet": get_peft_model_state_dict(self.unet)}
         if self.p.text_encoder_lora:
@@ -344,25 +336,17 @@ class LoraTrainer:
                 # Most common first: what samples default to (tasks/sample_lora.py).
                 "sizes": [list(sz) for sz, _ in sorted(Counter(r.size for r in self.rows).items(),
                                                          key=lambda kv: (-kv[1], kv[0]))]}
-        try:
+        def write(tmp: Path) -> None:
             lora_file = save_lora(tmp / "lora", self.unet, *te)
             save_kohya(lora_file, tmp / "kohya.safetensors")
             if self.pivotal:
                 save_embeddings(tmp / "embeddings.safetensors", self.pivotal.state_dict())
             torch.save(state, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            train_state._fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        final = train_state.write_step(ckpts, self.step, write, meta)
         # Every LoRA + embeddings pair stays (sweeps); optimizer states only for the newest few.
-        for _, d in [c for c in finished(ckpts) if (c[1] / "state.pt").is_file()][:-self.p.keep_states]:
+        for _, d in train_state.step_dirs(ckpts)[:-self.p.keep_states]:
             (d / "state.pt").unlink()
-        for d in ckpts.glob(".step-*.tmp"):
-            shutil.rmtree(d, ignore_errors=True)
         log.info("%s: checkpoint %s", self.p.SECTION, final)
         return final
 

@@ -20,6 +20,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,14 +28,14 @@ import torch
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
-def step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints, oldest first."""
+def step_dirs(checkpoints: Path, need: tuple[str, ...] = ("meta.json", "state.pt")) -> list[tuple[int, Path]]:
+    """Finished checkpoints holding the files `need`, oldest first."""
     if not checkpoints.is_dir():
         return []
     found = []
     for d in checkpoints.iterdir():
         m = STEP_DIR.match(d.name)
-        if m and (d / "meta.json").is_file() and (d / "state.pt").is_file():
+        if m and all((d / f).is_file() for f in need):
             found.append((int(m.group(1)), d))
     return sorted(found)
 
@@ -81,15 +82,14 @@ def _fsync_tree(root: Path) -> None:
         _fsync(path)
 
 
-def save(checkpoints: Path, step: int, model, ema, state: dict, meta: dict, keep: int) -> Path:
-    """Write step `step` atomically, then drop all but the newest `keep` and any leftovers."""
+def write_step(checkpoints: Path, step: int, write: Callable[[Path], None], meta: dict) -> Path:
+    """checkpoints/step-N, whole or not at all: `write(folder)` fills a hidden temporary folder,
+    meta.json goes in last, every file is fsync'd, then the folder is renamed into place."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:06d}"
     tmp = checkpoints / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        ema.save_pretrained(tmp / "ema", safe_serialization=True)
-        torch.save(state, tmp / "state.pt")
+        write(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # the same step again (a resumed run that re-saves): replace it whole
@@ -99,14 +99,25 @@ def save(checkpoints: Path, step: int, model, ema, state: dict, meta: dict, keep
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for d in checkpoints.glob(".step-*.tmp"):  # a crash mid-save left it
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def save(checkpoints: Path, step: int, model, ema, state: dict, meta: dict, keep: int) -> Path:
+    """Write step `step` atomically, then drop all but the newest `keep` and any leftovers."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        ema.save_pretrained(tmp / "ema", safe_serialization=True)
+        torch.save(state, tmp / "state.pt")
+
+    final = write_step(checkpoints, step, write, meta)
     prune(checkpoints, keep)
     return final
 
 
 def prune(checkpoints: Path, keep: int) -> None:
     for _, d in step_dirs(checkpoints)[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
-    for d in checkpoints.glob(".step-*.tmp"):  # a crash mid-save left it
         shutil.rmtree(d, ignore_errors=True)
 
 
