@@ -66,16 +66,27 @@ def repa_targets(dino_patches: torch.Tensor, grid: tuple[int, int], index: torch
     return flat.gather(1, parent[index][..., None].expand(-1, -1, D))
 
 
+def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """`generator` itself when it lives on `device` (or is None: the global RNG); else a generator
+    on `device` seeded with its seed, so draws there are still a function of that seed."""
+    if generator is None or generator.device == device:
+        return generator
+    return torch.Generator(device).manual_seed(generator.initial_seed())
+
+
 def loss_terms(model: NanoDiT, x0: torch.Tensor, cond: Conditioning, obj: Objective,
                generator: torch.Generator | None = None, route: float | None = None) -> dict:
     """One forward pass; returns the total loss and the figures worth logging.
     `cond.keep` is used as given (the trainer draws it with cfg_keep)."""
     B = x0.shape[0]
     t = sample_t(B, obj, generator).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    # The noise (an image's worth every micro-step) and the TREAD routing are drawn where x0 is,
+    # not on the host and copied; on a CPU that is the given generator itself.
+    local = on_device(generator, x0.device)
+    eps = torch.randn(x0.shape, generator=local, device=x0.device).to(x0.dtype)
     tb = t.view(B, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * eps
-    out = model(x_t, t, cond, route=obj.tread if route is None else route, generator=generator)
+    out = model(x_t, t, cond, route=obj.tread if route is None else route, generator=local)
     pred = out.x0.float()
     mse = F.mse_loss(pred, x0.float())
     terms = {"mse": mse, "active_tokens": out.active_tokens}
@@ -99,9 +110,12 @@ def loss_terms(model: NanoDiT, x0: torch.Tensor, cond: Conditioning, obj: Object
 GUIDANCE = ("none", "cfg", "self", "dual")
 
 
-def _keep(cond: Conditioning, *parts: int) -> Conditioning:
+def _keep(cond: Conditioning, *parts: int, pose: bool = False) -> Conditioning:
+    """`cond` keeping only `parts`; with `pose`, also the pose wherever `cond` keeps it."""
     keep = torch.zeros_like(cond.keep)
     keep[:, list(parts)] = True
+    if pose:
+        keep[:, 3] = cond.keep[:, 3]
     return cond.with_keep(keep)
 
 
@@ -110,7 +124,8 @@ def predict_x0(model: NanoDiT, x: torch.Tensor, t: torch.Tensor, cond: Condition
                negative: Conditioning | None = None):
     """x0 under guidance. cfg: cond vs uncond, or vs `negative` (e.g. a negative prompt's text)
     when given (2 passes). self: dense vs TREAD-routed (2 passes, the routed pass is the weaker
-    model). dual: uncond + text-only + DINO-only (3 passes)."""
+    model). dual: uncond + text-only + DINO-only (3 passes), each with the pose where `cond`
+    keeps it, so the pose conditions all three and only text and DINO are guided."""
     if negative is not None and guidance != "cfg":
         raise ValueError(f"a negative conditioning needs guidance 'cfg', not {guidance!r}")
     if guidance == "none":
@@ -125,7 +140,8 @@ def predict_x0(model: NanoDiT, x: torch.Tensor, t: torch.Tensor, cond: Condition
         return routed + scale * (dense - routed)
     if guidance == "dual":
         u, txt, dino = model(torch.cat([x, x, x]), torch.cat([t, t, t]),
-                             _cat(_keep(cond), _keep(cond, 0), _keep(cond, 1, 2))).x0.chunk(3)
+                             _cat(_keep(cond, pose=True), _keep(cond, 0, pose=True),
+                                  _keep(cond, 1, 2, pose=True))).x0.chunk(3)
         return u + scale * (txt - u) + scale_dino * (dino - u)
     raise ValueError(f"guidance {guidance!r}: expected one of {', '.join(GUIDANCE)}")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.flow_matching import (CATEGORIES, GUIDANCE, Objective, cfg_keep, euler_sample, loss_terms,
+from models.flow_matching import (CATEGORIES, GUIDANCE, Objective, cfg_keep, euler_sample, loss_terms, on_device,
                                    predict_x0, repa_targets, sample_t, shift_t)
 from models.nanodit import Conditioning, DiTOutput
 from tests.dit_kit import DIFFERENT, SIZE, make_cond, make_x, max_diff, perturbed, tiny
@@ -132,6 +132,11 @@ class Wrapped(nn.Module):
         return self.module(*args, **kwargs)
 
 
+def test_on_device_keeps_a_generator_already_there():
+    g = torch.Generator().manual_seed(3)
+    assert on_device(g, torch.device("cpu")) is g and on_device(None, torch.device("cpu")) is None
+
+
 def test_loss_terms_accept_a_wrapped_model(model):
     x0, _ = make_x(size=(64, 64))
     cond = make_cond(dino_hw=(2, 2))
@@ -209,11 +214,22 @@ def test_guidance_reductions(model):
     assert close(sample(model, cond, guidance="cfg", scale=1.0), none), "cfg at scale 1 must equal no guidance"
     assert close(sample(model, cond, guidance="cfg", scale=0.0), sample(model, keep(), guidance="none"))
     assert close(sample(model, cond, guidance="self", scale=1.0), none), "self-guidance at scale 1 is the dense model"
+    # Every dual pass keeps the pose (cond keeps it here): text + pose, DINO + pose.
     assert close(sample(model, cond, guidance="dual", scale=1.0, scale_dino=0.0),
-                 sample(model, keep(0), guidance="none")), "dual(1, 0) is the text-only model"
+                 sample(model, keep(0, 3), guidance="none")), "dual(1, 0) is the text(+pose) model"
     assert close(sample(model, cond, guidance="dual", scale=0.0, scale_dino=1.0),
-                 sample(model, keep(1, 2), guidance="none")), "dual(0, 1) is the DINO-only model"
+                 sample(model, keep(1, 2, 3), guidance="none")), "dual(0, 1) is the DINO(+pose) model"
     assert max_diff(sample(model, cond, guidance="cfg", scale=3.0), none) > DIFFERENT
+
+
+def test_dual_guidance_follows_the_pose_where_it_is_kept(model):
+    cond = make_cond()
+    moved = dataclasses.replace(cond, pose=make_cond(seed=7).pose)  # the same text and DINO, another pose
+    a, b = sample(model, cond, guidance="dual"), sample(model, moved, guidance="dual")
+    assert max_diff(a, b) > DIFFERENT, "dual guidance must honour the pose"
+    no_pose = torch.tensor([[True, True, True, False]] * 2)
+    assert torch.equal(sample(model, cond.with_keep(no_pose), guidance="dual"),
+                       sample(model, moved.with_keep(no_pose), guidance="dual")), "a dropped pose must not count"
 
 
 def test_predict_x0_cfg_formula(model):
@@ -298,3 +314,18 @@ def test_seeded_routing_works_on_cuda():
     x0, _ = make_x()
     terms = loss_terms(m, x0.cuda(), cond, Objective(), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(terms["loss"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_noise_is_drawn_on_the_device_from_the_generators_seed():
+    """No image of noise is drawn on the host and copied: on CUDA, loss_terms draws it with a
+    CUDA generator seeded with the CPU generator's seed (so still a function of that seed)."""
+    x0 = torch.zeros(2, 3, *SIZE, device="cuda")
+    stub = ConstantX0(torch.zeros(1, 3, *SIZE, device="cuda"))
+    obj = Objective(repa_weight=0.0, tread=0.0, velocity_min_t=0.0)
+    loss_terms(stub, x0, make_cond(), obj, generator=torch.Generator().manual_seed(11))
+    (x_t, t), = stub.seen
+    t_want = sample_t(2, obj, torch.Generator().manual_seed(11))  # t: drawn first, on the host
+    assert torch.allclose(t.cpu(), t_want)
+    eps = torch.randn(x0.shape, generator=torch.Generator("cuda").manual_seed(11), device="cuda")
+    assert torch.allclose(x_t, t.view(2, 1, 1, 1) * eps, atol=1e-6)  # x0 = 0: x_t = t·ε

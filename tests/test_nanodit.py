@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.flow_matching import Objective, loss_terms
-from models.nanodit import PRESETS, Conditioning, NanoDiT
+from models.nanodit import PRESETS, Conditioning, NanoDiT, timestep_embedding
 from tests.dit_kit import DIFFERENT, DINO_DIM, JOINTS, SAME, TEXT_DIM, make_cond, make_x, max_diff, perturbed, tiny
 from tests.dit_kit import model, one_thread  # noqa: F401 (fixtures)
 
@@ -111,6 +111,17 @@ def test_output_depends_on_image_and_timestep(model):
         base = model(x, t, cond).x0
         assert max_diff(base, model(x.flip(-1), t, cond).x0) > DIFFERENT
         assert max_diff(base, model(x, t * 0.5, cond).x0) > DIFFERENT
+
+
+def test_timestep_embedding_is_sinusoids_of_1000_t():
+    """t in [0, 1] is scaled by 1000 first: at scale 1 the fastest frequency would turn less than
+    a sixth of a period over the whole range and the embedding would hardly vary."""
+    t = torch.tensor([0.0, 0.25, 0.7, 1.0])
+    emb = timestep_embedding(t, 256)
+    k = torch.arange(128, dtype=torch.float64)
+    args = 1000 * t.double()[:, None] * 10000.0 ** (-k / 128)[None]
+    assert torch.allclose(emb.double(), torch.cat([args.cos(), args.sin()], dim=-1), atol=1e-4)
+    assert torch.allclose(emb, timestep_embedding(1000 * t, 256, scale=1.0))
 
 
 def test_samples_in_a_batch_are_independent(model):
