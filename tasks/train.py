@@ -90,14 +90,32 @@ def lr_factor(p: TrainParams, step: int) -> float:
     return (p.min_lr + (p.lr - p.min_lr) * cos) / p.lr
 
 
+def ema_decay_at(step: int, p: TrainParams) -> float:
+    """The EMA's decay at optimizer step `step` (0-based): 0 (a copy) before `ema_warmup`, then
+    (1 + n) / (10 + n) for n = step − ema_warmup, capped at `ema_decay`. The ramp lets the EMA
+    forget the early weights: at 0.9999 from the start it would still hold ~58% of its step-500
+    weights after 6000 steps. A function of the step alone, so a resumed run's EMA is exact."""
+    if step < p.ema_warmup:
+        return 0.0
+    n = step - p.ema_warmup
+    return min(p.ema_decay, (1 + n) / (10 + n))
+
+
+# The 2-D weights that AdamW trains even under `optimizer: muon`: the layers that read a raw
+# signal or write the output. Muon orthogonalises each update (every singular value alike),
+# which suits hidden matrices mixing learned features; on the pixels in and out, the sinusoidal
+# timestep features, or pose_mlp's rank-3 input (a joint's x, y, confidence) it would spread
+# the step evenly over directions the input barely spans.
+ADAMW_WEIGHTS = frozenset({"patch_in.weight", "patch_out.weight", "t_embed.0.weight", "pose_mlp.0.weight"})
+
+
 def optimizers(model: NanoDiT, p: TrainParams) -> list[torch.optim.Optimizer]:
-    """Muon for the hidden 2-D weights; AdamW for the input and output layers, embeddings,
-    biases and norms (Muon's orthogonalised update suits hidden matrices only)."""
-    edge = {"patch_in.weight", "patch_out.weight"}
+    """Under `muon`: Muon for the 2-D `.weight` matrices except ADAMW_WEIGHTS; AdamW for those,
+    the learned embeddings and tokens, biases and norms. Under `adamw`: AdamW for everything."""
     muon, adam = [], []
     for name, param in model.named_parameters():
         (muon if p.optimizer == "muon" and param.dim() == 2 and name.endswith(".weight")
-         and name not in edge else adam).append(param)
+         and name not in ADAMW_WEIGHTS else adam).append(param)
     opts = [torch.optim.AdamW(adam, lr=p.lr, betas=p.adam_betas, weight_decay=p.weight_decay)]
     if muon:
         opts.append(torch.optim.Muon(muon, lr=p.lr, weight_decay=p.weight_decay, momentum=p.muon_momentum,
@@ -131,7 +149,9 @@ def forever(loader: ShardLoader):
 
 def fingerprint(p: TrainParams, loader: ShardLoader, world: int) -> str:
     doc = {k: v for k, v in as_dict(p).items() if k not in NOT_TRAJECTORY}
-    doc.update(shards=loader._config()["shards"], world_size=world, format=1)
+    # format 2: the EMA ramp and AdamW for t_embed's and pose_mlp's first layers (a format-1
+    # checkpoint's Muon state would not even load into the new split).
+    doc.update(shards=loader._config()["shards"], world_size=world, format=2)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -144,6 +164,16 @@ def supersede(run_dir: Path, why: str) -> None:
     for d in parts:
         shutil.move(str(run_dir / d), str(dest / d))
     log.warning("train: %s; the previous run's files were moved to %s and training starts over", why, dest)
+
+
+def grid_guidance(p: TrainParams) -> str:
+    """The guidance for the sample grid and the checkpoint's sampling default: `sample_guidance`,
+    except "self" (dense vs TREAD-routed) becomes "cfg" when the run trains without TREAD, since
+    a model that never trained routed has no meaningful routed prediction to guide against."""
+    if p.sample_guidance == "self" and not p.tread:
+        log.info("train: sample_guidance self needs TREAD (train.tread is false); sampling with cfg instead")
+        return "cfg"
+    return p.sample_guidance
 
 
 def dataset_params(params_file: Path) -> dict:
@@ -189,12 +219,16 @@ class Trainer:
         self.opts = optimizers(self.model, p)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(p, s)) for o in self.opts]
         self.fp = fingerprint(p, self.loader, self.world)
+        self.guidance = grid_guidance(p)
         self.meta_base = {"fingerprint": self.fp, "params": as_dict(p), "data": self.dims,
                           "dataset_params": dataset_params(self.root / params_file), "world_size": self.world,
-                          "sampling": {"steps": p.sample_steps, "guidance": p.sample_guidance,
+                          "sampling": {"steps": p.sample_steps, "guidance": self.guidance,
                                        "scale": p.guidance_scale, "scale_dino": 1.5, "route": p.tread_rate,
                                        "shift": p.t_shift}}
         self.step, self.counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0, "spikes": 0}
+        # The figures summed since the last log line, and the spike detector's running mean: part
+        # of the checkpoint, so a resumed run logs the very points an uninterrupted one would.
+        self.win = Window(p.spike_factor)
         self._resume()
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type
                                                               == "cuda" else None)
@@ -219,19 +253,26 @@ class Trainer:
         return found
 
     def _resume(self) -> None:
+        # Rank 0 alone looks and moves the old run aside, and only then tells the others what to
+        # load: a rank reading runs/<run>/checkpoints while rank 0 moves it would lose it halfway.
+        chosen = [self._resumable_or_supersede() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] is not None:
+            self._load(chosen[0], train_state.read_meta(chosen[0]))
+
+    def _resumable_or_supersede(self) -> Path | None:
+        """The checkpoint to resume from; None after moving anything else in the run aside."""
         ckpt = train_state.latest(self.run_dir / "checkpoints")
         if ckpt is not None and self.p.resume == "auto":
             meta = train_state.read_meta(ckpt)
             if meta.get("fingerprint") == self.fp:
-                self._load(ckpt, meta)
-                return
+                return ckpt
             why = f"{ckpt} was made with other settings or shards (fingerprint {meta.get('fingerprint', '?')[:12]})"
         else:
             why = "train.resume is never" if ckpt is not None else "no checkpoint to resume from"
-        if self.rank == 0:
-            supersede(self.run_dir, why)
-        if self.world > 1:
-            dist.barrier()
+        supersede(self.run_dir, why)
+        return None
 
     def _load(self, ckpt: Path, meta: dict) -> None:
         state = train_state.load_state(ckpt)
@@ -244,6 +285,8 @@ class Trainer:
         self.loader.load_state_dict(state["loader"][self.rank])
         train_state.set_rng_state(state["rng"])
         self.step, self.counters = int(meta["step"]), dict(state["counters"])
+        if "window" in state:
+            self.win.load_state_dict(state["window"])
         log.info("train: resumed from %s (step %d of %d)", ckpt, self.step, self.p.steps)
 
     # ------------------------------------------------------------ one step
@@ -273,14 +316,14 @@ class Trainer:
 
     @torch.no_grad()
     def _ema_update(self, step: int) -> None:
-        decay = 0.0 if step < self.p.ema_warmup else self.p.ema_decay
+        decay = ema_decay_at(step, self.p)
         ema, cur = list(self.ema.parameters()), list(self.model.parameters())
         torch._foreach_lerp_(ema, cur, 1.0 - decay)
 
     def fit(self, stop_at: int | None = None) -> dict:
         p, batches = self.p, forever(self.loader)
         live = open_live(self.run_dir / "live", self.step if self.step else None) if self.rank == 0 else None
-        win, t_win, samples_win = Window(p.spike_factor), time.perf_counter(), 0
+        win, t_win, samples_win = self.win, time.perf_counter(), 0
         end = p.steps if stop_at is None else min(stop_at, p.steps)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -316,7 +359,9 @@ class Trainer:
                 self.counters["spikes"] += 1
                 log.warning("train: loss spike at step %d: %.4g (running mean %.4g)", self.step, loss, mean)
             win.add({**figures, "loss": loss, "grad_norm": grad_norm})
-            if live is not None and (self.step % p.log_every == 0 or self.step == end):
+            # Not at a --stop-at step off the log_every grid: its window goes into the checkpoint
+            # and the resumed run logs it where an uninterrupted run would.
+            if live is not None and (self.step % p.log_every == 0 or self.step == p.steps):
                 elapsed = time.perf_counter() - t_win
                 self._log(live, win.flush(), samples_win / elapsed)
                 t_win, samples_win = time.perf_counter(), 0
@@ -368,7 +413,8 @@ class Trainer:
         if self.rank == 0:
             state = {"optimizers": [o.state_dict() for o in self.opts],
                      "schedulers": [s.state_dict() for s in self.scheds], "loader": states,
-                     "rng": train_state.rng_state(), "counters": dict(self.counters)}
+                     "rng": train_state.rng_state(), "counters": dict(self.counters),
+                     "window": self.win.state_dict()}
             meta = {**self.meta_base, "step": self.step, "loss": loss, "time": time.time()}
             path = train_state.save(self.run_dir / "checkpoints", self.step, self.model, self.ema, state, meta,
                                     self.p.keep_checkpoints)
@@ -379,11 +425,12 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self) -> Path:
         p, refs, outs = self.p, [], []
+        scale = p.scale_at(self.step - 1)  # the size the step just taken trained at (resolution_schedule)
         for i, batch in enumerate(self.fixed):
-            x0, cond = to_inputs(batch, p.image_scale, p.patch_size, self.device)
+            x0, cond = to_inputs(batch, scale, p.patch_size, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = euler_sample(self.ema, cond, tuple(x0.shape[-2:]), steps=p.sample_steps,
-                                      guidance=p.sample_guidance, scale=p.guidance_scale, route=p.tread_rate,
+                                      guidance=self.guidance, scale=p.guidance_scale, route=p.tread_rate,
                                       shift=p.t_shift, seed=p.seed + i)
             refs.append(to_uint8(x0)[0])
             outs.append(to_uint8(images)[0])

@@ -77,6 +77,13 @@ class Window:
         self.running = loss if mean is None else 0.98 * mean + 0.02 * loss
         return mean if hit else None
 
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "n": self.n, "running": self.running, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.n = dict(state["sums"]), int(state["n"])
+        self.running, self.seen = state["running"], int(state["seen"])
+
     def flush(self) -> dict[str, float]:
         out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
         self.sums, self.n = {}, 0

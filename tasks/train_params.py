@@ -53,7 +53,7 @@ class TrainParams:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = True
     ema_decay: float = 0.9999
-    ema_warmup: int = 500                 # the EMA copies the weights until this step
+    ema_warmup: int = 500                 # the EMA copies the weights until this step, then ramps to ema_decay
     image_scale: float = 1.0              # train at this fraction of the bucket size (CPU runs)
     resolution_schedule: tuple[tuple[int, float], ...] = ((3000, 0.5),)  # [until_step, scale]; then 1.0
     t_mean: float = 0.0                   # logit-normal timesteps
@@ -122,7 +122,9 @@ class TrainParams:
         return self.image_scale
 
 
-# Settings that do not change what is computed: a run may resume under new values.
+# Settings that do not change what is computed: a run may resume under new values
+# (gradient_checkpointing recomputes the same activations: it can be turned on after an
+# out-of-memory error without starting over).
 NOT_TRAJECTORY = ("shards", "endpoint_url", "checkpoint_every", "keep_checkpoints", "sample_every",
                   "sample_steps", "sample_guidance", "guidance_scale", "log_every", "nan_patience",
-                  "spike_factor", "resume", "device")
+                  "spike_factor", "resume", "device", "gradient_checkpointing")
