@@ -22,7 +22,9 @@ protocol's two methods can be swept (the SDXL LoRA trainer's checkpoints too).
     prompt for the whole sweep;
   - size: --size, else the first bucket at the scale the checkpoint trained at
     (so early rows of a run with a resolution schedule are smaller);
-  - Euler sampling with the seed (models/flow_matching.py euler_sample);
+  - Euler sampling with the seed (models/flow_matching.py euler_sample); guidance `dual`
+    (validate.guidance may say it) needs a reference image, which a text-only sweep
+    does not have: it samples with `cfg` instead, saying so in the log;
   - --negative: classifier-free guidance against the negative prompt instead of the
     unconditional prediction, x0 = neg + scale * (cond - neg), where neg keeps the text
     part with the negative prompt's tokens (normalised, trigger in front, like the
@@ -237,6 +239,10 @@ class NanoDiTSampler:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise SweepError(f"--run {self.run_dir}: not found (a run folder, e.g. runs/nanodit)")
+        if guidance == "dual":  # the validate flow passes validate.guidance, which may be dual
+            log.info("sweep: guidance dual guides with a reference image's DINOv3 parts; the sweep samples "
+                     "from text alone, so it uses cfg")
+            guidance = "cfg"
         if guidance not in GUIDANCE:
             raise SweepError(f"--guidance {guidance!r}: expected one of {', '.join(GUIDANCE)}")
         if weights not in WEIGHTS:

@@ -1,6 +1,6 @@
 """validate: the prx-tg validation suite on one NanoDiT checkpoint (params.yaml: validate).
 
-    python -m tasks.validate [--params params.yaml] [--checkpoint PATH|STEP] [--skip-validated]
+    python -m tasks.validate [--params params.yaml] [--checkpoint PATH|STEP] [--skip-validated] [--dvc-stage]
 
 The checkpoint: validate.checkpoint (or --checkpoint) is `latest` (the newest finished
 checkpoint of runs/<run>), a step number (runs/<run>/checkpoints/step-NNNNNN), or a path:
@@ -16,15 +16,22 @@ each image generated from the noise of seed + its index, with the EMA weights by
 
 Written, each file atomically, beside the checkpoints of the run the checkpoint belongs to:
   <run>/validation/step-NNNNNN/metrics.json    statistics per check, every image's LPIPS
-  <run>/validation/step-NNNNNN/<check>.png     side-by-side grid per check
+  <run>/validation/step-NNNNNN/<check>.png     side-by-side grid per check (thumbnails)
+  <run>/validation/step-NNNNNN/images/<check>/<index>_<id>_<role>.png
+                                               every image a check compares, full size
   <run>/validation/history.tsv                 one row per validated step (re-validating
                                                a step replaces its row)
-  metrics/validate.json                        metrics.json without per-image values
-                                               (DVC metrics; only for the run of validate.run)
+  metrics/validate.json                        metrics.json without per-image values: the
+                                               DVC stage's metric, written only with
+                                               --dvc-stage (dvc.yaml's cmd) for validate.run
+A back-test or any other run outside DVC never writes metrics/validate.json: it would put
+another step's numbers in the pipeline's metrics.
 Alarms: the reconstruction mean rose by more than alarm_jump since the previous row.
 Flags: a check worse than the run's best earlier step by more than regress_margin (for
-text_manipulation and cfg_divergence a drop is worse). LPIPS with a random backbone
-(lpips_allow_random) is labelled "not comparable" wherever its numbers appear.
+text_manipulation and cfg_divergence a drop is worse). Only rows of the same LPIPS net and
+comparability are compared (a history row without lpips_net, from before that column, is
+compared with none). LPIPS with a random backbone (lpips_allow_random) is labelled "not
+comparable" wherever its numbers appear, the alarms and flags included.
 """
 from __future__ import annotations
 
@@ -45,12 +52,14 @@ from tasks import train_state
 from tasks.generate import GenerateError, find_checkpoint, read_meta, resolve_device, trained_scale
 from tasks.params import as_dict
 from tasks.store import atomic_write, atomic_write_json
-from tasks.validate_suite import HIGHER_IS_BETTER, LPIPS_MIN, TESTS, Sample, stats
+from tasks.validate_suite import HIGHER_IS_BETTER, IMAGE_ROLES, LPIPS_MIN, TESTS, Sample, stats
 
 log = logging.getLogger("niche.validate")
 HISTORY_COLUMNS = ("step", "reconstruction_lpips", "dino_swap_lpips", "text_manipulation_lpips",
-                   "cfg_divergence_lpips", "reconstruction_p90", "comparable")
+                   "cfg_divergence_lpips", "reconstruction_p90", "comparable", "lpips_net")
+VALUE_COLUMNS = HISTORY_COLUMNS[1:6]
 DVC_METRICS = Path("metrics/validate.json")
+NOT_COMPARABLE = " [LPIPS not comparable: random backbone]"
 
 
 class ValidateError(SetupError):
@@ -177,8 +186,10 @@ def read_history(path: Path) -> list[dict]:
         return []
     rows = []
     for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")), delimiter="\t"):
-        row = {"step": int(r["step"]), "comparable": str(r.get("comparable", "")).lower() == "true"}
-        for k in HISTORY_COLUMNS[1:-1]:
+        # lpips_net None: a row from before that column, of an unknown net (compared with none).
+        row = {"step": int(r["step"]), "comparable": str(r.get("comparable", "")).lower() == "true",
+               "lpips_net": (r.get("lpips_net") or "").strip() or None}
+        for k in VALUE_COLUMNS:
             row[k] = float(r[k]) if r.get(k) not in (None, "", "nan") else None
         rows.append(row)
     return rows
@@ -189,14 +200,15 @@ def write_history(path: Path, rows: list[dict]) -> None:
     w = csv.writer(out, delimiter="\t", lineterminator="\n")
     w.writerow(HISTORY_COLUMNS)
     for r in sorted(rows, key=lambda r: r["step"]):
-        w.writerow([r["step"], *("" if r[k] is None else f"{r[k]:.6f}" for k in HISTORY_COLUMNS[1:-1]),
-                    "true" if r["comparable"] else "false"])
+        w.writerow([r["step"], *("" if r[k] is None else f"{r[k]:.6f}" for k in VALUE_COLUMNS),
+                    "true" if r["comparable"] else "false", r.get("lpips_net") or ""])
     text = out.getvalue()
     atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
 
 
-def history_row(step: int, tests: dict, comparable: bool) -> dict:
-    row = {"step": step, "comparable": comparable, "reconstruction_p90": tests["reconstruction"]["p90"]}
+def history_row(step: int, tests: dict, comparable: bool, lpips_net: str) -> dict:
+    row = {"step": step, "comparable": comparable, "lpips_net": lpips_net,
+           "reconstruction_p90": tests["reconstruction"]["p90"]}
     row.update({f"{t}_lpips": tests[t]["mean"] for t in TESTS})
     return row
 
@@ -214,14 +226,17 @@ def summarise(results: dict) -> dict:
 
 
 def judge(row: dict, earlier: list[dict], p: ValidateParams) -> tuple[list[str], list[str]]:
-    """(alarms, flags) of one step against the run's earlier steps (of the same comparability)."""
+    """(alarms, flags) of one step against the run's earlier steps of the same LPIPS net and
+    comparability (distances of different nets or backbones are on different scales)."""
     alarms, flags = [], []
-    earlier = [r for r in earlier if r["step"] < row["step"] and r["comparable"] == row["comparable"]]
+    earlier = [r for r in earlier if r["step"] < row["step"] and r["comparable"] == row["comparable"]
+               and row["lpips_net"] is not None and r["lpips_net"] == row["lpips_net"]]
+    note = "" if row["comparable"] else NOT_COMPARABLE
     prev = max(earlier, key=lambda r: r["step"], default=None)
     cur, before = row["reconstruction_lpips"], prev and prev["reconstruction_lpips"]
     if cur is not None and before is not None and cur - before > p.alarm_jump:
         alarms.append(f"reconstruction LPIPS rose from {before:.4f} (step {prev['step']}) to {cur:.4f} "
-                      f"(step {row['step']}): +{cur - before:.4f} > validate.alarm_jump {p.alarm_jump:g}")
+                      f"(step {row['step']}): +{cur - before:.4f} > validate.alarm_jump {p.alarm_jump:g}{note}")
     for test in TESTS:
         key, value = f"{test}_lpips", row[f"{test}_lpips"]
         seen = [r for r in earlier if r[key] is not None]
@@ -233,20 +248,24 @@ def judge(row: dict, earlier: list[dict], p: ValidateParams) -> tuple[list[str],
         if gap > p.regress_margin:
             flags.append(f"{key} {value:.4f} is worse than the run's best {best[key]:.4f} (step {best['step']}) "
                          f"by {gap:.4f} > validate.regress_margin {p.regress_margin:g} "
-                         f"({'higher' if higher else 'lower'} is better)")
+                         f"({'higher' if higher else 'lower'} is better){note}")
     return alarms, flags
 
 
 # ---------------------------------------------------------------- the run
 def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path | None = None,
-             skip_validated: bool = False) -> dict:
-    """Validate one checkpoint; returns the metrics (see the module doc)."""
+             skip_validated: bool = False, dvc_stage: bool = False) -> dict:
+    """Validate one checkpoint; returns the metrics (see the module doc). dvc_stage: this is the
+    DVC stage (validate.checkpoint, no other checkpoint): also write metrics/validate.json."""
     from models.nanodit import NanoDiT
     from tasks.generate import encode_text
     from tasks.train_log import grid, save_png
     from tasks.validate_suite import Suite
 
     t0, root = time.perf_counter(), Path(root)
+    if dvc_stage and checkpoint is not None:
+        raise ValidateError(f"--checkpoint {checkpoint} with --dvc-stage: the DVC stage validates "
+                            "validate.checkpoint; another checkpoint is a back-test, run without --dvc-stage")
     ckpt = resolve_checkpoint(p, root, checkpoint)
     meta = read_meta(ckpt)
     if "step" not in meta:
@@ -287,11 +306,16 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
     log.info("validate: %s (step %d, %s weights) on %s; %d %s samples at scale %g; %s", ckpt, step, p.weights,
              device, len(samples), split, scale, ", ".join(f"{k} {v}" for k, v in settings.items()))
     suite = Suite(model, lpips, samples, scale=scale, device=device, sampling=settings, seed=p.seed,
-                  encode=lambda text: encode_text(meta, ckpt, text, device), edits=p.text_edits, bf16=bf16)
+                  encode=lambda text: encode_text(meta, ckpt, text, device), edits=p.text_edits, bf16=bf16,
+                  images_dir=out_dir / "images")
     results = suite.run()
+    # An earlier validation of this step on other samples leaves no image of them behind.
+    for old in sorted((out_dir / "images").glob("*/*.png")):
+        if old not in suite.written:
+            old.unlink()
 
     tests = summarise(results)
-    row = history_row(step, tests, lpips_info["comparable"])
+    row = history_row(step, tests, lpips_info["comparable"], p.lpips_net)
     alarms, flags = judge(row, [r for r in history if r["step"] != step], p)
     if split != "holdout":
         flags.insert(0, f"split: no holdout samples in {p.shards}; validated on {len(samples)} TRAIN samples "
@@ -303,7 +327,7 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
         log.info("validate: images under %d px a side were enlarged %dx (nearest) for LPIPS", LPIPS_MIN,
                  suite.upscaled)
 
-    own = run_dir.resolve() == (root / "runs" / p.run).resolve()
+    own = dvc_stage and run_dir.resolve() == (root / "runs" / p.run).resolve()
     try:
         shown_ckpt = str(ckpt.resolve().relative_to(root.resolve()))
     except ValueError:
@@ -311,7 +335,9 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
     doc = {"run": run_dir.name, "checkpoint": shown_ckpt, "step": step, "weights": p.weights, "split": split,
            "samples": len(samples), "seed": p.seed, "image_scale": scale, "sampling": settings,
            "text_edits": as_dict(p)["text_edits"], "lpips": lpips_info, "tests": tests, "alarms": alarms,
-           "flags": flags, "seconds": round(time.perf_counter() - t0, 3)}
+           "flags": flags, "seconds": round(time.perf_counter() - t0, 3),
+           "images": {"files": "images/<check>/<index>_<id>_<role>.png",
+                      "roles": {k: list(v) for k, v in IMAGE_ROLES.items()}}}
     for name, r in results.items():
         if r.rows:
             save_png(out_dir / f"{name}.png", grid(r.rows))
@@ -322,9 +348,12 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
     if own:
         summary = dict(doc, tests={k: {f: v for f, v in t.items() if not f.startswith("per_image")}
                                    for k, t in tests.items()})
+        del summary["images"]  # where the step's files are: nothing for the DVC metrics
         atomic_write_json(root / DVC_METRICS, summary)
-    else:
+    elif dvc_stage:
         log.info("validate: %s is not runs/%s: %s left as it is", run_dir, p.run, DVC_METRICS)
+    else:  # a back-test or the nightly outside DVC: the pipeline's metrics stay its own
+        log.info("validate: not the DVC stage (--dvc-stage): %s left as it is", DVC_METRICS)
     note = "" if lpips_info["comparable"] else f" [{lpips_info['label']}]"
     for name in TESTS:
         t = tests[name]
@@ -346,11 +375,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", help="latest, a step number, or a checkpoint / run folder "
                     "(default: validate.checkpoint)")
     ap.add_argument("--skip-validated", action="store_true", help="do nothing when history.tsv has the step")
+    ap.add_argument("--dvc-stage", action="store_true", help="run as dvc.yaml's validate stage: also write "
+                    f"{DVC_METRICS} (the stage's metric); never with --checkpoint")
     args = ap.parse_args(argv)
     setup_logging()
     p = section_or_exit(ValidateParams, "validate", args.params)
     try:
-        result = validate(p, checkpoint=args.checkpoint, skip_validated=args.skip_validated)
+        result = validate(p, checkpoint=args.checkpoint, skip_validated=args.skip_validated,
+                          dvc_stage=args.dvc_stage)
     except SetupError as e:
         sys.exit(f"validate: {e}")
     if not result["already_validated"]:

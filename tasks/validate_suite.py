@@ -11,11 +11,16 @@ check compares differ only in what the check changes:
   cfg_divergence     guidance none: all parts kept vs none kept → LPIPS between the two
 Lower is better for the first two; for the last two a larger distance means the
 conditioning moves the image more.
+
+With `images_dir`, every image a check compares is also saved at full size (the grids
+hold thumbnails), each atomically: <images_dir>/<check>/<index>_<id>_<role>.png, the
+roles per check in IMAGE_ROLES.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,11 +32,14 @@ from models.flow_matching import euler_sample
 from models.lpips_metric import MIN_SIZE as LPIPS_MIN
 from models.nanodit import Conditioning, NanoDiT
 from tasks.train import to_inputs
-from tasks.train_log import to_uint8
+from tasks.train_log import save_png, to_uint8
 
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
 HIGHER_IS_BETTER = frozenset({"text_manipulation", "cfg_divergence"})
 THUMB = 256  # the longest side of an image in the grids (a 1 MP sample would make a 25k-px sheet)
+# The full-size images each check saves per sample, in its grid's row order.
+IMAGE_ROLES = {"reconstruction": ("orig", "gen"), "dino_swap": ("text_source", "style_source", "gen"),
+               "text_manipulation": ("gen_caption", "gen_edit"), "cfg_divergence": ("cond", "uncond")}
 
 
 @dataclass
@@ -105,12 +113,27 @@ class Suite:
     """The checks on `samples` (their images at `scale` of the bucket size, on the patch grid)."""
 
     def __init__(self, model: NanoDiT, lpips: Callable, samples: list[Sample], *, scale: float, device: str,
-                 sampling: dict, seed: int, encode: Callable[[str], np.ndarray], edits, bf16: bool = False):
+                 sampling: dict, seed: int, encode: Callable[[str], np.ndarray], edits, bf16: bool = False,
+                 images_dir: Path | None = None):
         self.model, self.lpips, self.samples = model, lpips, samples
         self.scale, self.device, self.sampling, self.seed = scale, torch.device(device), sampling, seed
         self.encode, self.edits, self.bf16 = encode, edits, bf16
         self.patch = int(model.config.patch_size)
         self.upscaled = 1  # the largest factor distance() enlarged images by
+        self.images_dir, self.written = images_dir, set()  # the full-size images saved by this run
+
+    def keep(self, check: str, i: int, *images: torch.Tensor) -> list[np.ndarray]:
+        """Sample i's images of `check` (IMAGE_ROLES order): saved at full size when images_dir is
+        set (written one by one, not held: 25 samples at 1 MP would be hundreds of MB); their
+        thumbnails returned for the grid."""
+        if self.images_dir is not None:
+            # An id may hold any character; only safe ones go into the file name.
+            sid = re.sub(r"[^A-Za-z0-9._-]+", "_", self.samples[i].id)[:80]
+            for role, img in zip(IMAGE_ROLES[check], images, strict=True):
+                path = self.images_dir / check / f"{i:03d}_{sid}_{role}.png"
+                save_png(path, Image.fromarray(to_uint8(img)[0]))
+                self.written.add(path)
+        return [thumb(img) for img in images]
 
     def inputs(self, i: int) -> tuple[torch.Tensor, Conditioning]:
         return to_inputs(self.samples[i].batch, self.scale, self.patch, self.device)
@@ -142,8 +165,9 @@ class Suite:
             x0, cond = self.inputs(i)
             out = self.generate(i, cond, tuple(x0.shape[-2:]))
             r.values[s.id] = self.distance(out, x0)
-            originals.append(thumb(x0))
-            generated.append(thumb(out))
+            orig, gen = self.keep("reconstruction", i, x0, out)
+            originals.append(orig)
+            generated.append(gen)
         r.rows = [originals, generated]
         return r
 
@@ -162,8 +186,8 @@ class Suite:
             r.values[sid] = self.distance(out, x0_j)
             r.extra["to_text_source"][sid] = self.distance(out, x0_i)
             r.extra["dino_source"][sid] = self.samples[j].id
-            for row, img in zip(rows, (x0_i, x0_j, out)):
-                row.append(thumb(img))
+            for row, img in zip(rows, self.keep("dino_swap", i, x0_i, x0_j, out)):
+                row.append(img)
         r.rows = rows if rows[0] else []
         return r
 
@@ -187,8 +211,8 @@ class Suite:
             after = self.generate(i, self._with_text(cond, edit[0]), size)
             r.values[s.id] = self.distance(after, before)
             r.extra["edit"][s.id] = f"{edit[1]} -> {edit[2]}"
-            rows[0].append(thumb(before))
-            rows[1].append(thumb(after))
+            for row, img in zip(rows, self.keep("text_manipulation", i, before, after)):
+                row.append(img)
         r.rows = rows if rows[0] else []
         return r
 
@@ -200,7 +224,8 @@ class Suite:
             c = self.generate(i, cond, size, guidance="none")
             u = self.generate(i, cond.with_keep(torch.zeros_like(cond.keep)), size, guidance="none")
             r.values[s.id] = self.distance(c, u)
-            conds.append(thumb(c))
-            unconds.append(thumb(u))
+            cond_img, uncond_img = self.keep("cfg_divergence", i, c, u)
+            conds.append(cond_img)
+            unconds.append(uncond_img)
         r.rows = [conds, unconds]
         return r

@@ -84,7 +84,13 @@ async def _flow_run_details(flow_run_id, log_containing: str | None = None, wait
         tasks_ = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         deadline = time.monotonic() + wait
         while True:
-            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            logs = []  # every page: the API returns at most its default limit (200) per call
+            while True:
+                page = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                              limit=200, offset=len(logs))
+                logs += page
+                if len(page) < 200:
+                    break
             if (log_containing is None or any(log_containing in entry.message for entry in logs)
                     or time.monotonic() > deadline):
                 break

@@ -255,6 +255,20 @@ def test_nanodit_sampler_fixed_size_and_steps(run_dir, tmp_path):
         sweep(NanoDiTSampler(run_dir, size="60x64", device="cpu"), ["a"], [0], None, tmp_path / "u.png")
 
 
+def test_nanodit_sampler_samples_dual_as_cfg(run_dir, tmp_path, caplog):
+    """validate.guidance may be dual, which needs a reference image: the text-only sweep uses cfg."""
+    caplog.set_level("INFO", logger="niche.sweep")
+    dual = NanoDiTSampler(run_dir, steps=1, guidance="dual", device="cpu")
+    assert dual.guidance == "cfg" and dual.describe()["guidance"] == "cfg"
+    assert any("guidance dual" in r.getMessage() and "uses cfg" in r.getMessage() for r in caplog.records)
+    a = sweep(dual, ["a figure"], [0], None, tmp_path / "dual.png")
+    b = sweep(NanoDiTSampler(run_dir, steps=1, guidance="cfg", device="cpu"), ["a figure"], [0], None,
+              tmp_path / "cfg.png")
+    assert _cells(a)[1].tobytes() == _cells(b)[1].tobytes()
+    with pytest.raises(SweepError, match="--guidance 'strong'"):
+        NanoDiTSampler(run_dir, guidance="strong", device="cpu")
+
+
 # ---------------------------------------------------------------- command line
 
 def test_cli_writes_the_default_out(run_dir, tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ then the run history, task runs, artifacts and the nightly schedule are read bac
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 
 import pytest
 import yaml
@@ -16,20 +18,23 @@ DEPLOYMENTS = ("build-dataset/local", "train/local", "validate/local", "validate
 
 @pytest.fixture
 def trained_repo(tiny_repo):
+    """The dataset built by DVC and a 4-step run stopped at its first checkpoint (step 2), as a
+    person stops one: `dvc repro train` later continues it to step 4, a checkpoint never validated."""
     doc = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     doc["ingest"]["holdout_max_fraction"] = 0.4  # 6 figures: 2 held out for validation
-    doc["train"].update(steps=2, checkpoint_every=2, sample_every=2, sample_steps=1, log_every=1,
+    doc["train"].update(steps=4, checkpoint_every=2, sample_every=2, sample_steps=1, log_every=1,
                         optimizer="adamw", num_workers=0, image_scale=0.125)
     doc["validate"].update(steps=2, holdout=2, sweep_prompts=["a figure juggling"], sweep_seeds=[0])
     (tiny_repo / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    run([str(BIN / "dvc"), "repro", "train"], tiny_repo)
+    run([str(BIN / "dvc"), "repro", "shard"], tiny_repo)
+    run([sys.executable, "-m", "tasks.train", "--stop-at", "2"], tiny_repo)
     return tiny_repo
 
 
-async def _run(name: str):
+async def _run(name: str, **parameters):
     from prefect.deployments import run_deployment
 
-    return await run_deployment(name, timeout=600, poll_interval=1)
+    return await run_deployment(name, parameters=parameters or None, timeout=600, poll_interval=1)
 
 
 async def _history(ids):
@@ -47,14 +52,22 @@ async def _history(ids):
 
 def test_deployments_run_through_the_api_and_publish_history_and_artifacts(trained_repo, prefect_server):
     root = trained_repo
+    dvc = str(BIN / "dvc")
     with served(root, DEPLOYMENTS, "--nightly-cron", "30 3 * * *") as log:
         built = asyncio.run(_run("build-dataset/local"))
         validated = asyncio.run(_run("validate/local"))
         nightly = asyncio.run(_run("validate-nightly/local"))
         schedules, runs = asyncio.run(_history([built.id, validated.id, nightly.id]))
+        run([dvc, "repro", "train"], root)  # the stopped run continues: step 4, not validated yet
+        fresh = asyncio.run(_run("validate-nightly/local"))
+        fresh_status = run([dvc, "status", "--with-deps", "validate"], root).stdout
+        metric = (root / "metrics/validate.json").read_bytes()
+        backtest = asyncio.run(_run("validate/local", checkpoint="2"))  # an older step of the active run
     assert built.state.is_completed(), log.read_text()[-3000:]
     assert validated.state.is_completed(), log.read_text()[-3000:]
     assert nightly.state.is_completed(), log.read_text()[-3000:]
+    assert fresh.state.is_completed(), log.read_text()[-3000:]
+    assert backtest.state.is_completed(), log.read_text()[-3000:]
     assert schedules == ["30 3 * * *"]
     # The run history on the server holds the three runs, of their deployments.
     by_id = {r.id: r for r in runs}
@@ -68,6 +81,8 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
     assert {"validation-metrics", "validation-summary"} <= keys
     table = next(a for a in arts if a.key == "validation-metrics")
     assert "reconstruction" in str(table.data) and "cfg_divergence" in str(table.data)
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert all("not comparable" in r["lpips"] for r in rows)  # the label on every row of numbers
     summary = next(a for a in arts if a.key == "validation-summary")
     assert "NOT comparable" in summary.data and "data:image/jpeg;base64," in summary.data
     assert (root / "runs/nanodit/validation/step-000002/metrics.json").is_file()
@@ -77,4 +92,21 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
     _, nightly_tasks, nightly_logs, nightly_arts = asyncio.run(_flow_run_details(nightly.id, "already validated"))
     assert any("already validated" in entry.message for entry in nightly_logs)
     assert not {a.key for a in nightly_arts} & {"validation-metrics", "validation-summary"}
-    assert "up to date" in run([str(BIN / "dvc"), "status", "--with-deps", "validate"], root).stdout
+
+    # A new checkpoint: the nightly ran the DVC stage on it, so dvc.lock records it.
+    _, _, fresh_logs, fresh_arts = asyncio.run(_flow_run_details(fresh.id, "validated by the DVC stage"))
+    assert any("step 4 validated by the DVC stage" in entry.message for entry in fresh_logs)
+    assert {"validation-metrics", "validation-summary"} <= {a.key for a in fresh_arts}
+    assert "# validate: step 4" in next(a for a in fresh_arts if a.key == "validation-summary").data
+    assert [r.split("\t")[0] for r in (root / "runs/nanodit/validation/history.tsv").read_text().splitlines()] \
+        == ["step", "2", "4"]
+    assert (root / "runs/nanodit/validation/step-000004/images/reconstruction").is_dir()
+    assert json.loads(metric)["step"] == 4
+    assert "up to date" in fresh_status, fresh_status
+
+    # A back-test of step 2, in-process: the stage's INFO lines reach the run; the DVC metric stays step 4's.
+    _, _, back_logs, back_arts = asyncio.run(_flow_run_details(backtest.id, "validate: wrote"))
+    assert any("validate: wrote" in entry.message and "step-000002" in entry.message for entry in back_logs), \
+        [entry.message for entry in back_logs][-40:]
+    assert {"validation-metrics", "validation-summary"} <= {a.key for a in back_arts}
+    assert (root / "metrics/validate.json").read_bytes() == metric
