@@ -1,11 +1,14 @@
-"""Overfit NanoDiT (tiny preset) on 4 images on the CPU: the loss must fall steadily.
+"""Overfit NanoDiT on 4 images on the CPU: the loss must fall steadily.
+
+By default the baseline preset (384 x 12) at 1/8 of the bucket size, 600 steps: the
+tiny preset (hidden 64) cannot represent a 16x16x3 patch, so its grid stays blocky.
 
 The whole path a user runs: a scaffolded repo, 4 sample figures, the tiny profile,
 `dvc repro train` (ingest → ... → shard → train). Prints the loss curve in windows,
 copies the last sample grid (top: the 4 images, bottom: the EMA model's samples
 from their own conditioning) next to the JSON.
 
-    .venv/bin/python bench/bench_overfit.py [--steps 300] [--json bench/results/overfit.json]
+    .venv/bin/python bench/bench_overfit.py [--steps 600] [--preset baseline] [--scale 0.125] [--json bench/results/overfit.json]
 """
 from __future__ import annotations
 
