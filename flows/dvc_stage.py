@@ -97,3 +97,31 @@ def stage_metrics(stage: str, root: Path) -> dict:
     path = root / "metrics" / f"{stage}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
+
+
+def record_outputs(stage: str, root: Path, logger) -> bool:
+    """Record `stage`'s outputs in dvc.lock after they changed outside DVC (a back-test or the
+    nightly adding a step to the validation history), when nothing else about the stage changed:
+    `dvc status` stays clean and DVC caches the new files. When its deps or params changed too,
+    the stage is stale in its own right and the next `dvc repro` records everything; when DVC is
+    busy, likewise. True when dvc.lock matches the outputs afterwards."""
+    from dvc.lock import LockError
+
+    root = root.resolve()
+    try:
+        with chdir(root), Repo(str(root)) as repo:
+            changes = repo.status(targets=[stage]).get(stage, [])
+            kinds = {k for c in changes for k in (c if isinstance(c, dict) else {c: None})}
+            if not changes:
+                return True
+            if kinds != {"changed outs"}:
+                logger.info("dvc: stage %s is stale besides its outputs (%s); the next `dvc repro` records "
+                            "them", stage, ", ".join(sorted(kinds)))
+                return False
+            repo.commit(stage, force=True)
+    except LockError as e:
+        logger.info("dvc: busy (%s); `dvc commit %s` or the next `dvc repro` records the new outputs",
+                    str(e).splitlines()[0], stage)
+        return False
+    logger.info("dvc: recorded %s's outputs changed outside DVC in dvc.lock (dvc commit)", stage)
+    return True

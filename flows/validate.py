@@ -4,16 +4,18 @@ checkpoint sweep and the run's HTML report, with the results as Prefect artifact
 validate(root, checkpoint=None): no checkpoint → the `validate` DVC stage (the active
 run's newest checkpoint; DVC decides whether it is stale). A checkpoint (a path or a
 step) → tasks.validate directly, outside DVC: back-testing any checkpoint of any run
-with today's validation logic, touching neither training, dvc.lock nor the stage's
-metric (metrics/validate.json).
+with today's validation logic, touching neither training nor the stage's metric
+(metrics/validate.json). A back-test of the active run adds its step to the stage's
+output folder; when nothing else about the stage changed, that is recorded in dvc.lock
+(dvc commit), so `dvc status` stays clean.
 validate-nightly(root): the newest checkpoint of the active run, skipped when its step
 is already in the run's validation history; otherwise through the DVC stage, so that
 dvc.lock records it and `dvc status` stays clean. Only when DVC cannot run it (busy:
 its lock is held, e.g. training under `dvc repro` / `dvc exp run`), or when it ran
 but the step is still not in the history (up to date by DVC's reckoning, or
 validate.checkpoint names another checkpoint), is the step validated directly, into
-the run's folder and history but not metrics/validate.json; the next `dvc repro`
-records it. Served on a cron (flows/serve.py).
+the run's folder and history but not metrics/validate.json, and recorded like a
+back-test (or by the next `dvc repro` while DVC is busy). Served on a cron (flows/serve.py).
 
 Artifacts on the flow run, published before the checkpoint sweep and the report (a
 failure there is a warning and loses nothing): `validation-metrics` (a table: every
@@ -129,9 +131,10 @@ def nightly_validation(p: ValidateParams, root: Path, logger) -> dict:
             why = (f"the DVC stage ran, yet step {step} is not in the history" if ran else
                    f"DVC says the stage is up to date, yet step {step} is not in the history")
     logger.warning("validate-nightly: %s: validating step %d outside DVC, into %s and its history.tsv "
-                   "(metrics/validate.json and dvc.lock left as they are); the next `dvc repro` records it",
-                   why, step, run_dir / "validation")
-    return {"ran": True, "metrics": run_validation(p, root=root, checkpoint=newest), "run_dir": str(run_dir)}
+                   "(metrics/validate.json left as it is)", why, step, run_dir / "validation")
+    metrics = run_validation(p, root=root, checkpoint=newest)
+    dvc_stage.record_outputs("validate", root, logger)
+    return {"ran": True, "metrics": metrics, "run_dir": str(run_dir)}
 
 
 def _params(root: Path) -> ValidateParams:
@@ -164,7 +167,10 @@ def validate_task(root: str, checkpoint: str | None, nightly: bool) -> dict:
             return nightly_validation(p, root_p, logger)
         metrics = run_validation(p, root=root_p, checkpoint=checkpoint)  # a back-test: never the DVC metric
     ckpt = Path(metrics["checkpoint"])  # relative to the repo when inside it
-    return {"ran": True, "metrics": metrics, "run_dir": str(run_dir_of(ckpt if ckpt.is_absolute() else root_p / ckpt))}
+    of_run = run_dir_of(ckpt if ckpt.is_absolute() else root_p / ckpt)
+    if of_run.resolve() == run_dir.resolve():  # the stage's output folder gained the back-tested step
+        dvc_stage.record_outputs("validate", root_p, logger)
+    return {"ran": True, "metrics": metrics, "run_dir": str(of_run)}
 
 
 @task(task_run_name="sweep-and-report", cache_policy=NO_CACHE, persist_result=False)

@@ -64,6 +64,10 @@ def _is_tiny(path: Path) -> bool:
     return (folder / TINY_MARKER).is_file()
 
 
+# Once per model and process: validation and sweeps resolve the text encoder for every prompt.
+_WARNED_TINY: set[tuple[str, str]] = set()
+
+
 def resolve(model: str, param: str, revision: str | None = None,
             allow_patterns: list[str] | None = None) -> ResolvedModel:
     """`model` is a local path (file or folder) or a hub repo id.
@@ -73,7 +77,8 @@ def resolve(model: str, param: str, revision: str | None = None,
     local = Path(model).expanduser()
     if local.exists():
         r = ResolvedModel(model, local, f"local-{fingerprint(local)}", _is_tiny(local))
-        if r.tiny:
+        if r.tiny and (param, model) not in _WARNED_TINY:
+            _WARNED_TINY.add((param, model))
             log.warning("%s = %s: a TINY model with RANDOM weights (tiny profile); "
                         "its outputs are meaningless except for testing the pipeline", param, model)
         return r

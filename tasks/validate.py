@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     if not result["already_validated"]:
         log.info("validate: step %d: %d alarm(s), %d flag(s)", result["step"], len(result["alarms"]),
                  len(result["flags"]))
+        if not args.dvc_stage and result["run"] == p.run:
+            # The flows record this themselves (flows/dvc_stage.record_outputs); a plain command says how.
+            log.info("validate: runs/%s/validation changed outside DVC: `dvc commit validate` records it "
+                     "(or the next `dvc repro`)", p.run)
 
 
 if __name__ == "__main__":

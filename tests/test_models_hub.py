@@ -27,6 +27,10 @@ def test_tiny_models_are_labelled_loudly(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="niche.models"):
         r = resolve(str(m), "embed_text.model")
     assert r.tiny and "RANDOM weights" in caplog.text and "embed_text.model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="niche.models"):
+        assert resolve(str(m), "embed_text.model").tiny  # once a process: not once a prompt
+    assert "RANDOM weights" not in caplog.text
 
 
 def test_missing_hub_model_names_the_param_and_the_fix(tmp_path, monkeypatch):

@@ -110,3 +110,7 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
         [entry.message for entry in back_logs][-40:]
     assert {"validation-metrics", "validation-summary"} <= {a.key for a in back_arts}
     assert (root / "metrics/validate.json").read_bytes() == metric
+    # ... and its step, added to the stage's output folder, is recorded in dvc.lock (nothing else changed).
+    assert any("recorded validate's outputs" in entry.message for entry in back_logs), \
+        [entry.message for entry in back_logs][-40:]
+    assert "up to date" in run([dvc, "status", "--with-deps", "validate"], root).stdout
