@@ -63,6 +63,9 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
         fresh_status = run([dvc, "status", "--with-deps", "validate"], root).stdout
         metric = (root / "metrics/validate.json").read_bytes()
         backtest = asyncio.run(_run("validate/local", checkpoint="2"))  # an older step of the active run
+        # Read while the runner still serves: a flow run's last log lines are sent as its process
+        # exits, after its final state; stopping the runner then can kill that process mid-send.
+        _, _, back_logs, back_arts = asyncio.run(_flow_run_details(backtest.id, "recorded validate's outputs"))
     assert built.state.is_completed(), log.read_text()[-3000:]
     assert validated.state.is_completed(), log.read_text()[-3000:]
     assert nightly.state.is_completed(), log.read_text()[-3000:]
@@ -105,7 +108,6 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
     assert "up to date" in fresh_status, fresh_status
 
     # A back-test of step 2, in-process: the stage's INFO lines reach the run; the DVC metric stays step 4's.
-    _, _, back_logs, back_arts = asyncio.run(_flow_run_details(backtest.id, "validate: wrote"))
     assert any("validate: wrote" in entry.message and "step-000002" in entry.message for entry in back_logs), \
         [entry.message for entry in back_logs][-40:]
     assert {"validation-metrics", "validation-summary"} <= {a.key for a in back_arts}
