@@ -4,7 +4,7 @@ in a .json file), through the very encoders the training data was built with.
 
     python -m tasks.generate --checkpoint runs/nanodit --prompt "a figure dancing" \\
         [--reference ref.png] [--pose pose.png|pose.json] --out out.png \\
-        [--size WxH] [--steps N] [--guidance auto|none|cfg|self|dual] [--scale S] \\
+        [--size WxH] [--steps N] [--guidance auto|none|cfg|self|dual] [--scale S] [--scale-dino S] \\
         [--seed 0] [--weights ema|model] [--device auto|cpu|cuda] [--batch N]
 
 --checkpoint is a checkpoint folder (model/, ema/, meta.json) or a run folder
@@ -366,7 +366,8 @@ def write_png(img: Image.Image, path: Path, info: dict) -> None:
 def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference: str | Path | None = None,
              pose: str | Path | None = None, size: tuple[int, int] | str | None = None,
              steps: int | None = None, guidance: str = "auto", scale: float | None = None, seed: int = 0,
-             weights: str = "ema", device: str = "auto", batch: int = 1) -> list[Path]:
+             weights: str = "ema", device: str = "auto", batch: int = 1,
+             scale_dino: float | None = None) -> list[Path]:
     """Sample `batch` images and write them as PNGs; returns their paths (see the module doc)."""
     import torch
 
@@ -464,8 +465,8 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
     ).repeat(batch)
     settings = dict(steps=steps or int(sampling.get("steps", 50)), guidance=guidance,
                     scale=float(scale if scale is not None else sampling.get("scale", 3.0)),
-                    scale_dino=float(sampling.get("scale_dino", 1.5)), route=float(sampling.get("route", 0.5)),
-                    shift=float(sampling.get("shift", 1.0)), seed=int(seed))
+                    scale_dino=float(scale_dino if scale_dino is not None else sampling.get("scale_dino", 1.5)),
+                    route=float(sampling.get("route", 0.5)), shift=float(sampling.get("shift", 1.0)), seed=int(seed))
     log.info("sampling %d image(s) of %dx%d: %s; parts: text%s%s", batch, *size,
              ", ".join(f"{k} {v}" for k, v in settings.items()),
              " + reference" if has_ref else "", " + pose" if has_pose else "")
@@ -498,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, help="Euler steps (default: the checkpoint's sampling.steps)")
     ap.add_argument("--guidance", default="auto", choices=GUIDANCE_CHOICES)
     ap.add_argument("--scale", type=float, help="guidance scale (default: the checkpoint's sampling.scale)")
+    ap.add_argument("--scale-dino", type=float, help="dual guidance: the reference's (DINOv3) scale "
+                    "(default: the checkpoint's sampling.scale_dino)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default="ema", choices=WEIGHTS)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -506,8 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         generate(args.checkpoint, args.prompt, args.out, reference=args.reference, pose=args.pose,
-                 size=args.size, steps=args.steps, guidance=args.guidance, scale=args.scale, seed=args.seed,
-                 weights=args.weights, device=args.device, batch=args.batch)
+                 size=args.size, steps=args.steps, guidance=args.guidance, scale=args.scale,
+                 scale_dino=args.scale_dino, seed=args.seed, weights=args.weights, device=args.device,
+                 batch=args.batch)
     except SetupError as e:
         sys.exit(f"generate: {e}")
 

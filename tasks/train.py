@@ -223,7 +223,7 @@ class Trainer:
         self.meta_base = {"fingerprint": self.fp, "params": as_dict(p), "data": self.dims,
                           "dataset_params": dataset_params(self.root / params_file), "world_size": self.world,
                           "sampling": {"steps": p.sample_steps, "guidance": self.guidance,
-                                       "scale": p.guidance_scale, "scale_dino": 1.5, "route": p.tread_rate,
+                                       "scale": p.guidance_scale, "scale_dino": p.guidance_scale_dino, "route": p.tread_rate,
                                        "shift": p.t_shift}}
         self.step, self.counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0, "spikes": 0}
         # The figures summed since the last log line, and the spike detector's running mean: part
@@ -430,7 +430,8 @@ class Trainer:
             x0, cond = to_inputs(batch, scale, p.patch_size, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = euler_sample(self.ema, cond, tuple(x0.shape[-2:]), steps=p.sample_steps,
-                                      guidance=self.guidance, scale=p.guidance_scale, route=p.tread_rate,
+                                      guidance=self.guidance, scale=p.guidance_scale,
+                                      scale_dino=p.guidance_scale_dino, route=p.tread_rate,
                                       shift=p.t_shift, seed=p.seed + i)
             refs.append(to_uint8(x0)[0])
             outs.append(to_uint8(images)[0])

@@ -77,6 +77,7 @@ class TrainParams:
     sample_steps: int = 30
     sample_guidance: str = "self"         # none | cfg | self | dual
     guidance_scale: float = 3.0
+    guidance_scale_dino: float = 1.5      # dual guidance: the DINO term's scale (the text's is guidance_scale)
     log_every: int = 10
     nan_patience: int = 5                 # this many non-finite steps in a row stop the run
     spike_factor: float = 3.0             # a loss this many times its running mean is logged as a spike
@@ -126,5 +127,5 @@ class TrainParams:
 # (gradient_checkpointing recomputes the same activations: it can be turned on after an
 # out-of-memory error without starting over).
 NOT_TRAJECTORY = ("shards", "endpoint_url", "checkpoint_every", "keep_checkpoints", "sample_every",
-                  "sample_steps", "sample_guidance", "guidance_scale", "log_every", "nan_patience",
+                  "sample_steps", "sample_guidance", "guidance_scale", "guidance_scale_dino", "log_every", "nan_patience",
                   "spike_factor", "resume", "device", "gradient_checkpointing")

@@ -124,6 +124,9 @@ def test_reference_and_pose_change_the_image(ckpt, reference, tmp_path, caplog):
     # "dual" guides by the reference, so with one the checkpoint's default stands
     dual, = generate(ckpt, "a figure", tmp_path / "dual.png", reference=reference)
     assert _info(dual)["guidance"] == "dual" and not np.array_equal(_pixels(dual), images[1])
+    assert _info(dual)["scale_dino"] == 1.5  # the checkpoint's sampling.scale_dino
+    stronger, = generate(ckpt, "a figure", tmp_path / "stronger.png", reference=reference, scale_dino=4.0)
+    assert _info(stronger)["scale_dino"] == 4.0 and not np.array_equal(_pixels(stronger), _pixels(dual))
 
 
 def test_only_the_encoders_needed_are_loaded(ckpt, tmp_path, monkeypatch):

@@ -138,7 +138,7 @@ def test_self_guidance_without_tread_samples_with_cfg_and_says_so(root, caplog):
 
 
 def test_checkpoint_holds_everything_to_resume_and_loads_weights_only(root):
-    fit(root, params(steps=3, keep_checkpoints=1, optimizer="muon"))
+    fit(root, params(steps=3, keep_checkpoints=1, optimizer="muon", guidance_scale_dino=2.5))
     ckpt = train_state.latest(root / "runs/nanodit/checkpoints")
     assert ckpt.name == "step-000003"
     state = train_state.load_state(ckpt)  # torch.load(weights_only=True)
@@ -148,6 +148,7 @@ def test_checkpoint_holds_everything_to_resume_and_loads_weights_only(root):
     meta = train_state.read_meta(ckpt)
     assert meta["step"] == 3 and meta["data"] == {"text_dim": 8, "dino_dim": 16, "dino_pool": 1}
     assert meta["params"]["preset"] == "tiny"
+    assert meta["sampling"]["scale_dino"] == 2.5  # generate's default for dual guidance
 
 
 def test_only_the_newest_checkpoints_are_kept_and_leftovers_are_swept(root):
