@@ -48,6 +48,7 @@ from tasks.params import load_section
 from tasks.validate import ValidateParams, read_history, run_dir_of, validate as run_validation
 
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
+CAPTIONS = Path("data/manifest/caption.parquet")  # the caption stage's table: the sweep's seen prompts
 
 
 class _ToPrefect(logging.Handler):
@@ -176,16 +177,16 @@ def validate_task(root: str, checkpoint: str | None, nightly: bool) -> dict:
 @task(task_run_name="sweep-and-report", cache_policy=NO_CACHE, persist_result=False)
 def sweep_and_report(root: str, run_dir: str) -> dict:
     from tasks.run_report import write_report
-    from tasks.sweep import NanoDiTSampler, sweep
+    from tasks.sweep import NanoDiTSampler, seen_captions, sweep
 
     logger, run = get_run_logger(), Path(run_dir)
     p = _params(Path(root))
     out = {}
     if train_state.step_dirs(run / "checkpoints"):
         try:
+            prompts = list(p.sweep_prompts) + seen_captions(Path(root) / CAPTIONS, p.sweep_seen)
             out["sweep"] = str(sweep(NanoDiTSampler(run, steps=p.steps, guidance=p.guidance, scale=p.scale),
-                                     list(p.sweep_prompts), list(p.sweep_seeds), p.sweep_negative or None,
-                                     run / "sweep.png"))
+                                     prompts, list(p.sweep_seeds), p.sweep_negative or None, run / "sweep.png"))
             logger.info("sweep: %s", out["sweep"])
         # Any failure: the sweep is a view of the checkpoints; the validation is published
         # already and the report shows what there is.

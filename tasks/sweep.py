@@ -32,7 +32,9 @@ protocol's two methods can be swept (the SDXL LoRA trainer's checkpoints too).
 
 Prompts: --prompts and/or --prompts-file (one a line; blank lines and lines starting
 with # skipped); neither: params.yaml validate.sweep_prompts when present, else a
-built-in list (two like the sample dataset's captions, two it never shows).
+built-in list (two like the sample dataset's captions, two it never shows). --seen N
+adds the first N training captions (by sample id) of the caption stage's table: prompts
+the model has seen, beside ones it has not (the validate flow adds validate.sweep_seen).
 """
 from __future__ import annotations
 
@@ -357,6 +359,24 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def seen_captions(captions: str | Path, n: int) -> list[str]:
+    """The first `n` training captions, by sample id, of the caption stage's table: prompts the
+    model has seen, to sweep beside ones it never saw (memorising vs generalising shows in the
+    same grid). Captions that failed are passed over; no table means none, with a warning."""
+    import pyarrow.parquet as pq
+
+    path = Path(captions)
+    if n <= 0:
+        return []
+    if not path.is_file():
+        log.warning("sweep: %s not found: no training caption to sweep beside the prompts", path)
+        return []
+    rows = pq.read_table(path, columns=["id", "split", "text", "error"]).to_pylist()
+    ok = sorted((r["id"], r["text"]) for r in rows
+                if r["split"] == "train" and not r["error"] and (r["text"] or "").strip())
+    return [text for _, text in ok[:n]]
+
+
 def default_prompts(params: str | Path = "params.yaml") -> list[str]:
     """params.yaml validate.sweep_prompts when present and not empty, else DEFAULT_PROMPTS."""
     import yaml
@@ -384,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", nargs="+", help="the prompts (default: params.yaml validate.sweep_prompts, "
                     "else a built-in list)")
     ap.add_argument("--prompts-file", help="more prompts, one a line (# comments and blank lines skipped)")
+    ap.add_argument("--seen", type=int, default=0, help="add the first N training captions (by id) of "
+                    "data/manifest/caption.parquet: prompts the model has seen (the validate flow adds "
+                    "validate.sweep_seen of them)")
     ap.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     ap.add_argument("--negative", help="guide against this prompt instead of the unconditional prediction")
     ap.add_argument("--steps", type=int, help="Euler steps (default: each checkpoint's sampling.steps)")
@@ -406,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.prompts_file:
                 raise SweepError(f"--prompts-file {args.prompts_file}: no prompts in it")
             prompts = default_prompts()
+        prompts += seen_captions(Path("data/manifest/caption.parquet"), args.seen)
         sampler = NanoDiTSampler(args.run, size=args.size, steps=args.steps, guidance=args.guidance,
                                  scale=args.scale, weights=args.weights, device=args.device)
         out = Path(args.out) if args.out else Path(args.run) / "sweep.png"

@@ -90,6 +90,7 @@ class ValidateParams:
     sweep_prompts: tuple[str, ...] = ("a figure juggling three balls", "two figures dancing together")
     sweep_seeds: tuple[int, ...] = (0, 1)
     sweep_negative: str = ""
+    sweep_seen: int = 1                   # training captions added to sweep_prompts: seen vs never seen
 
     def validate(self) -> None:
         for k in ("holdout", "steps"):
@@ -106,6 +107,8 @@ class ValidateParams:
         for k in ("scale", "alarm_jump"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"validate.{k}: expected > 0, got {getattr(self, k)}")
+        if self.sweep_seen < 0:
+            raise ValueError(f"validate.sweep_seen: expected >= 0, got {self.sweep_seen}")
         if self.regress_margin < 0:
             raise ValueError(f"validate.regress_margin: expected >= 0, got {self.regress_margin}")
         for i, pair in enumerate(self.text_edits):

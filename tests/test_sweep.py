@@ -15,7 +15,7 @@ from PIL import Image
 from models.hub import SetupError
 
 from tasks.sweep import (DEFAULT_PROMPTS, PAD, PROMPT_LINES, NanoDiTSampler, Sampler, SweepError, _font,
-                         _width, default_prompts, layout_path, main, sweep,
+                         _width, default_prompts, layout_path, main, seen_captions, sweep,
                          wrap)
 from tests.dit_kit import nudged
 
@@ -308,3 +308,19 @@ def test_default_prompts(tmp_path):
     (tmp_path / "params.yaml").write_text("validate:\n  sweep_prompts: a figure\n")
     with pytest.raises(SweepError, match="list of prompts"):
         default_prompts(tmp_path / "params.yaml")
+
+
+def test_seen_captions_are_the_first_training_captions_by_id(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [("c", "train", "a figure seen third", None), ("a", "train", "a figure seen first", None),
+            ("b", "holdout", "a held-out figure", None), ("0", "train", "", "caption: model failed"),
+            ("1", "train", "broken", "timeout"), ("b2", "train", "a figure seen second", None)]
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("id", "split", "text", "error"))})
+    pq.write_table(table, tmp_path / "caption.parquet")
+    assert seen_captions(tmp_path / "caption.parquet", 2) == ["a figure seen first", "a figure seen second"]
+    assert seen_captions(tmp_path / "caption.parquet", 9) == ["a figure seen first", "a figure seen second",
+                                                             "a figure seen third"]
+    assert seen_captions(tmp_path / "caption.parquet", 0) == []
+    assert seen_captions(tmp_path / "absent.parquet", 1) == [] and "absent.parquet not found" in caplog.text

@@ -90,6 +90,11 @@ def test_deployments_run_through_the_api_and_publish_history_and_artifacts(train
     assert "NOT comparable" in summary.data and "data:image/jpeg;base64," in summary.data
     assert (root / "runs/nanodit/validation/step-000002/metrics.json").is_file()
     assert (root / "runs/nanodit/report.html").is_file() and (root / "runs/nanodit/sweep.png").is_file()
+    # The sweep: validate.sweep_prompts (never seen) + validate.sweep_seen = 1 training caption.
+    swept = json.loads((root / "runs/nanodit/sweep.json").read_text())["prompts"]
+    from tasks.sweep import seen_captions
+    seen = seen_captions(root / "data/manifest/caption.parquet", 1)
+    assert len(seen) == 1 and seen[0].strip() and swept == ["a figure juggling", *seen], swept
 
     # The nightly run found step 2 already validated and did not validate it again.
     _, nightly_tasks, nightly_logs, nightly_arts = asyncio.run(_flow_run_details(nightly.id, "already validated"))
