@@ -98,7 +98,6 @@ def stage_metrics(stage: str, root: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-
 def record_outputs(stage: str, root: Path, logger) -> bool:
     """Record `stage`'s outputs in dvc.lock after they changed outside DVC (a back-test or the
     nightly adding a step to the validation history), when nothing else about the stage changed:

@@ -371,7 +371,10 @@ def seen_captions(captions: str | Path, n: int) -> list[str]:
     if not path.is_file():
         log.warning("sweep: %s not found: no training caption to sweep beside the prompts", path)
         return []
-    rows = pq.read_table(path, columns=["id", "split", "text", "error"]).to_pylist()
+    try:
+        rows = pq.read_table(path, columns=["id", "split", "text", "error"]).to_pylist()
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise SweepError(f"{path}: not a readable caption table ({e})") from None
     ok = sorted((r["id"], r["text"]) for r in rows
                 if r["split"] == "train" and not r["error"] and (r["text"] or "").strip())
     return [text for _, text in ok[:n]]

@@ -324,3 +324,6 @@ def test_seen_captions_are_the_first_training_captions_by_id(tmp_path, caplog):
                                                              "a figure seen third"]
     assert seen_captions(tmp_path / "caption.parquet", 0) == []
     assert seen_captions(tmp_path / "absent.parquet", 1) == [] and "absent.parquet not found" in caplog.text
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SweepError, match="bad.parquet: not a readable caption table"):
+        seen_captions(tmp_path / "bad.parquet", 1)
