@@ -223,8 +223,8 @@ class Trainer:
         self.meta_base = {"fingerprint": self.fp, "params": as_dict(p), "data": self.dims,
                           "dataset_params": dataset_params(self.root / params_file), "world_size": self.world,
                           "sampling": {"steps": p.sample_steps, "guidance": self.guidance,
-                                       "scale": p.guidance_scale, "scale_dino": p.guidance_scale_dino, "route": p.tread_rate,
-                                       "shift": p.t_shift}}
+                                       "scale": p.guidance_scale, "scale_dino": p.guidance_scale_dino,
+                                       "route": p.tread_rate, "shift": p.t_shift}}
         self.step, self.counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0, "spikes": 0}
         # The figures summed since the last log line, and the spike detector's running mean: part
         # of the checkpoint, so a resumed run logs the very points an uninterrupted one would.

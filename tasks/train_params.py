@@ -127,5 +127,5 @@ class TrainParams:
 # (gradient_checkpointing recomputes the same activations: it can be turned on after an
 # out-of-memory error without starting over).
 NOT_TRAJECTORY = ("shards", "endpoint_url", "checkpoint_every", "keep_checkpoints", "sample_every",
-                  "sample_steps", "sample_guidance", "guidance_scale", "guidance_scale_dino", "log_every", "nan_patience",
-                  "spike_factor", "resume", "device", "gradient_checkpointing")
+                  "sample_steps", "sample_guidance", "guidance_scale", "guidance_scale_dino", "log_every",
+                  "nan_patience", "spike_factor", "resume", "device", "gradient_checkpointing")
