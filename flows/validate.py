@@ -48,7 +48,6 @@ from tasks.params import load_section
 from tasks.validate import ValidateParams, read_history, run_dir_of, validate as run_validation
 
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
-CAPTIONS = Path("data/manifest/caption.parquet")  # the caption stage's table: the sweep's seen prompts
 
 
 class _ToPrefect(logging.Handler):
@@ -115,6 +114,7 @@ def nightly_validation(p: ValidateParams, root: Path, logger) -> dict:
         logger.info("validate: step %d of %s is already validated; skipped", step, run_dir)
         return {"ran": False, "metrics": _step_metrics(run_dir, step), "run_dir": str(run_dir),
                 "skipped": "already validated"}
+    busy = None
     if p.checkpoint != "latest":
         why = f"the DVC stage validates validate.checkpoint {p.checkpoint}, not the newest checkpoint"
     else:
@@ -134,7 +134,10 @@ def nightly_validation(p: ValidateParams, root: Path, logger) -> dict:
     logger.warning("validate-nightly: %s: validating step %d outside DVC, into %s and its history.tsv "
                    "(metrics/validate.json left as it is)", why, step, run_dir / "validation")
     metrics = run_validation(p, root=root, checkpoint=newest)
-    dvc_stage.record_outputs("validate", root, logger)
+    if busy is None:  # while training holds DVC, its checkpoints are still changing: nothing to record
+        dvc_stage.record_outputs("validate", root, logger)
+    else:
+        logger.info("validate-nightly: the next `dvc repro` records step %d in dvc.lock", step)
     return {"ran": True, "metrics": metrics, "run_dir": str(run_dir)}
 
 
@@ -177,7 +180,7 @@ def validate_task(root: str, checkpoint: str | None, nightly: bool) -> dict:
 @task(task_run_name="sweep-and-report", cache_policy=NO_CACHE, persist_result=False)
 def sweep_and_report(root: str, run_dir: str) -> dict:
     from tasks.run_report import write_report
-    from tasks.sweep import NanoDiTSampler, seen_captions, sweep
+    from tasks.sweep import CAPTIONS, NanoDiTSampler, seen_captions, sweep
 
     logger, run = get_run_logger(), Path(run_dir)
     p = _params(Path(root))

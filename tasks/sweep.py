@@ -61,6 +61,7 @@ DEFAULT_PROMPTS = (
     "two figures dancing together",
 )
 DEFAULT_SEEDS = (0, 1)
+CAPTIONS = Path("data/manifest/caption.parquet")  # the caption stage's table: --seen's prompts
 GUIDANCE = ("cfg", "none", "self")
 
 PAD = 6                 # around labels and between an image and its cell's edge
@@ -363,7 +364,7 @@ def seen_captions(captions: str | Path, n: int) -> list[str]:
     """The first `n` training captions, by sample id, of the caption stage's table: prompts the
     model has seen, to sweep beside ones it never saw (memorising vs generalising shows in the
     same grid). Captions that failed are passed over; no table means none, with a warning."""
-    import pyarrow.parquet as pq
+    from tasks.embed_text import read_captions
 
     path = Path(captions)
     if n <= 0:
@@ -372,8 +373,8 @@ def seen_captions(captions: str | Path, n: int) -> list[str]:
         log.warning("sweep: %s not found: no training caption to sweep beside the prompts", path)
         return []
     try:
-        rows = pq.read_table(path, columns=["id", "split", "text", "error"]).to_pylist()
-    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        rows = read_captions(path)
+    except (OSError, ValueError) as e:  # a missing column, or pyarrow's ArrowInvalid (a ValueError)
         raise SweepError(f"{path}: not a readable caption table ({e})") from None
     ok = sorted((r["id"], r["text"]) for r in rows
                 if r["split"] == "train" and not r["error"] and (r["text"] or "").strip())
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.prompts_file:
                 raise SweepError(f"--prompts-file {args.prompts_file}: no prompts in it")
             prompts = default_prompts()
-        prompts += seen_captions(Path("data/manifest/caption.parquet"), args.seen)
+        prompts += seen_captions(CAPTIONS, args.seen)
         sampler = NanoDiTSampler(args.run, size=args.size, steps=args.steps, guidance=args.guidance,
                                  scale=args.scale, weights=args.weights, device=args.device)
         out = Path(args.out) if args.out else Path(args.run) / "sweep.png"

@@ -255,7 +255,7 @@ def test_nightly_validates_outside_dvc_while_dvc_is_busy(root):
     assert not (root / "metrics/validate.json").exists() and not (root / "dvc.lock").exists()
     warned = [r.getMessage() for r in lines.buffer if r.levelno == logging.WARNING]
     assert any("DVC is busy" in w and "outside DVC" in w for w in warned)
-    # Never validated by DVC (no dvc.lock): stale in its own right, so nothing is committed.
+    # DVC busy: nothing is committed (training's checkpoints are still changing); dvc repro will.
     assert any("the next `dvc repro` records" in r.getMessage() for r in lines.buffer)
 
     again = nightly_validation(params(), root, log)  # DVC free or not: the step is in the history now
