@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.loader import ShardLoader  # noqa: E402
+from tasks.data.loader import ShardLoader  # noqa: E402
 from tests.shardkit import Spec, png, write_dataset  # noqa: E402
 
 BUCKETS = ("1024x1024", "1152x896")

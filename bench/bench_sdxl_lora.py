@@ -5,7 +5,7 @@
         [--precision bf16|fp32] [--text-encoders on|off] [--device auto|cpu|cuda] [--threads N]
         [--out bench/results/sdxl_lora_<device>.json]
 
-The UNet is `models.sdxl.unet_config(--unet)` (real: SDXL base's 2.6 B parameters) built from
+The UNet is `models.sdxl.pipeline.unet_config(--unet)` (real: SDXL base's 2.6 B parameters) built from
 its config with random weights: speed and memory do not depend on the weights' values, and
 nothing is downloaded or read (the hub is forced offline before diffusers is imported). Every
 step is `tasks/train_lora.py`'s: frozen base in bf16 on CUDA (fp32 with --precision fp32), the
@@ -18,7 +18,7 @@ clip, AdamW, LR scheduler, zero_grad.
 TI: frozen encoders run once per prompt). on: both text encoders of real SDXL are built from
 configs (CLIP ViT-L/14 text and OpenCLIP bigG text with projection, vocabulary 49,408, fp32 as
 the trainer loads them) and the pivotal-tuning tokens <s0><s1> train through them every step
-(`models.sdxl_ti.PivotalTokens` + `models.sdxl_text.encode_prompts`, only the new rows in
+(`models.sdxl.ti.PivotalTokens` + `models.sdxl.text.encode_prompts`, only the new rows in
 AdamW, sync_rows after each step): the trainer's first ti_frac of the steps. The
 tokenizer is the tiny byte-level one (no files); the sequence is always 77 tokens, so the cost
 is the real one. Latents are one fixed random batch on the device (the trainer reads a small
@@ -50,11 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import RssPeak, device_info, parse_size, release_memory, sync  # noqa: E402
-from models import sdxl  # noqa: E402
-from models.sdxl_objective import Objective, time_ids  # noqa: E402
+from models.sdxl import pipeline as sdxl  # noqa: E402
+from models.sdxl.objective import Objective, time_ids  # noqa: E402
 from tasks.train import seeded  # noqa: E402
 from tasks.train_lora import lr_lambda  # noqa: E402
-from tasks.train_lora_params import LoraParams  # noqa: E402
+from tasks.sdxl.params import LoraParams  # noqa: E402
 
 GIB = 2**30
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler (the DDPM objective reads these keys).
@@ -79,7 +79,7 @@ def build_text(unet_size: str, device: torch.device):
     """Both CLIP text encoders (fp32, frozen, as the trainer loads them) + PivotalTokens."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from models.sdxl_ti import PivotalTokens
+    from models.sdxl.ti import PivotalTokens
 
     vocab, merges = sdxl.clip_vocab()
     toks = [CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
@@ -145,7 +145,7 @@ def build(args, device: torch.device) -> dict:
 
 def make_step(m: dict, args, device: torch.device):
     """One optimizer step of LoraTrainer.fit (grad_accum micro-batches of _micro, then the update)."""
-    from models.sdxl_text import encode_prompts
+    from models.sdxl.text import encode_prompts
 
     p, bf16 = LoraParams(), args.precision == "bf16"
     prompts = [m["pivotal"].expand(PROMPT) if m["pivotal"] else PROMPT] * args.batch

@@ -44,11 +44,11 @@ def main() -> None:
     os.environ.update({"DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
 
     from flows.scaffold import scaffold
-    from models.tiny import build_all
+    from tasks.profile import build_tiny
     from tasks.profile import apply
     from tasks.sample.particles import write_particle_dataset
 
-    build_all(Path(__file__).resolve().parents[1] / "models" / "tiny")
+    build_tiny(Path(__file__).resolve().parents[1] / "models" / "tiny")
     repo = scaffold(Path(tempfile.mkdtemp(prefix="niche-bench-stages-")) / "repo")
     write_particle_dataset(repo / "data/raw/figures", args.images, seed=0)
     cwd = os.getcwd()

@@ -18,9 +18,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc_stage
-
-# DAG order (dvc.yaml): the conditioning stages after the images they read.
-STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose", "shard")
+from flows.dvc_stage import DATASET_STAGES as STAGES
+from flows.report import print_report
 
 
 def _counts_table(metrics: dict) -> list[dict]:
@@ -91,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     state = build_dataset(root=args.root, return_state=True)
     if args.report:
-        from flows.report import print_report
         print_report(Path(args.root), state)
     sys.exit(0 if state.is_completed() else 1)
 

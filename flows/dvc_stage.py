@@ -19,7 +19,10 @@ from pathlib import Path
 
 from dvc.repo import Repo
 
-from tasks.stage import LOG_FILE_ENV
+from tasks.core.stage import LOG_FILE_ENV
+
+# The dataset's stages in DAG order (dvc.yaml): the conditioning stages after the images they read.
+DATASET_STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose", "shard")
 
 
 @contextmanager
@@ -48,7 +51,7 @@ def _follow(path: Path, logger: logging.LoggerAdapter | logging.Logger):
 
 
 def _relog(logger, line: str) -> None:
-    """Lines are "LEVEL<tab>message" (tasks.stage.setup_logging); anything else
+    """Lines are "LEVEL<tab>message" (tasks.core.stage.setup_logging); anything else
     (a traceback, a library's print) is passed on at INFO."""
     name, sep, message = line.partition("\t")
     level = logging.getLevelName(name) if sep else None

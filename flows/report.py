@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from flows.build_dataset import STAGES
-from tasks import manifest
+from flows.dvc_stage import DATASET_STAGES as STAGES
+from tasks.core import manifest
 
 
 def print_report(root: Path, state=None) -> None:

@@ -94,9 +94,9 @@ def train_stage(root: str, stage: str = "train") -> dict:
 def sweep_lora(root: str) -> str:
     """The LoRA run's checkpoints x the section's scenes x seeds, in one grid (tasks/sweep.py)."""
     from tasks.sample_lora import SDXLSampler, negative_for
-    from tasks.stage import section_or_exit
+    from tasks.core.stage import section_or_exit
     from tasks.sweep import sweep
-    from tasks.train_lora_params import LoraParams
+    from tasks.sdxl.params import LoraParams
 
     p = section_or_exit(LoraParams, "train_lora", str(Path(root) / "params.yaml"))
     sampler = SDXLSampler(p, root=Path(root))

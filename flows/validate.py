@@ -43,8 +43,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc_stage
-from tasks import train_state
-from tasks.params import load_section
+from tasks.training import checkpoints as train_state
+from tasks.core.params import load_section
 from tasks.validate import ValidateParams, read_history, run_dir_of, validate as run_validation
 
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")

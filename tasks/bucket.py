@@ -16,10 +16,10 @@ from typing import Literal
 
 from PIL import Image
 
-from tasks import manifest
-from tasks.images import decode
-from tasks.stage import ItemError, Report, run_items, stage_main
-from tasks.store import Store, item_key
+from tasks.core import manifest
+from tasks.core.images import decode
+from tasks.core.stage import ItemError, Report, run_items, stage_main
+from tasks.core.store import Store, item_key
 
 VERSION = 1  # bump when the pixels written for the same key would change
 STORE = Path("data/derived/bucket")

@@ -22,10 +22,10 @@ from typing import Callable, Literal
 
 import pyarrow as pa
 
-from tasks import manifest
+from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.stage import Report, run_batches, stage_main
-from tasks.store import Store, item_key
+from tasks.core.stage import Report, run_batches, stage_main
+from tasks.core.store import Store, item_key
 
 log = logging.getLogger("niche.caption")
 
@@ -292,7 +292,7 @@ def _backend(p: CaptionParams, store: Store, by_id: dict[str, dict], sidecar: di
         return BUCKET_STORE / by_id[item_id]["file"]
 
     if p.backend == "ollama":
-        from models.ollama import OllamaClient, OllamaUnreachable
+        from models.encoders.ollama import OllamaClient, OllamaUnreachable
 
         client = OllamaClient(p.ollama_host, p.timeout_s, p.retries, p.backoff_s)
         if needed:
@@ -328,7 +328,7 @@ def _backend(p: CaptionParams, store: Store, by_id: dict[str, dict], sidecar: di
 
     captioner = None
     if needed:
-        from models.gemma import GemmaCaptioner
+        from models.encoders.gemma import GemmaCaptioner
         from models.hub import torch_device
 
         captioner = GemmaCaptioner(resolved.path, torch_device(), p.dtype)

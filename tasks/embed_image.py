@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from models import dinov3
+from models.encoders import dinov3
 from models.hub import resolve, torch_device, torch_dtype
-from tasks import manifest
+from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.stage import ItemError, Report, default_workers, run_batches, settle_rows, stage_main
-from tasks.store import Store, item_key, write_tensors
+from tasks.core.stage import ItemError, Report, default_workers, run_batches, settle_rows, stage_main
+from tasks.core.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.embed_image")
 

@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from models.dwpose import KEYPOINTS, DWPose, PoseResult, resolve_onnx
-from models.dwpose_decode import normalised_keypoints
-from tasks import manifest
+from models.encoders.dwpose import KEYPOINTS, DWPose, PoseResult, resolve_onnx
+from models.encoders.dwpose_decode import normalised_keypoints
+from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.stage import Report, default_workers, run_batches, stage_main
-from tasks.store import Store, item_key, read_tensors, write_tensors
+from tasks.core.stage import Report, default_workers, run_batches, stage_main
+from tasks.core.store import Store, item_key, read_tensors, write_tensors
 
 log = logging.getLogger("niche.embed_pose")
 

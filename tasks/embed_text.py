@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models import t5
+from models.encoders import t5
 from models.hub import resolve, torch_device, torch_dtype
-from tasks import manifest
-from tasks.stage import Report, run_batches, stage_main
-from tasks.store import Store, item_key, write_tensors
+from tasks.core import manifest
+from tasks.core.stage import Report, run_batches, stage_main
+from tasks.core.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.embed_text")
 

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from models.hub import SetupError, resolve, torch_dtype
-from tasks.params import ParamsError, from_dict
+from tasks.core.params import ParamsError, from_dict
 
 log = logging.getLogger("niche.generate")
 
@@ -168,7 +168,7 @@ def scaled_size(bucket: tuple[int, int], scale: float, patch: int) -> tuple[int,
 
 def load_image(path: str | Path, what: str) -> Image.Image:
     """An image file as upright RGB, decoded as ingest decodes it."""
-    from tasks.images import ImageRejected, decode
+    from tasks.core.images import ImageRejected, decode
     from tasks.ingest import IngestParams
 
     path = Path(path)
@@ -191,7 +191,7 @@ def bucketed(img: Image.Image, size: tuple[int, int], resample: str) -> Image.Im
 def pose_from_json(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """(133, 3) float32 [x_norm, y_norm, conf] relative to a W x H frame, from a .json
     holding either those rows or a tasks.sample .pose.json (pixels of its own width x height)."""
-    from models.dwpose_decode import normalised_keypoints
+    from models.encoders.dwpose_decode import normalised_keypoints
     from tasks.bucket import cover_crop
 
     path = Path(path)
@@ -271,12 +271,12 @@ def _t5_encoder(path: str, dtype: str, device: str):
     dozens of prompts, and loading T5-large takes seconds each time."""
     import torch
 
-    from models import t5
+    from models.encoders import t5
     return t5.T5Encoder(Path(path), getattr(torch, dtype.removeprefix("torch.")), device)
 
 
 def encode_text(meta: dict, ckpt: Path, text: str, device: str) -> np.ndarray:
-    from models import t5
+    from models.encoders import t5
     from tasks.embed_text import EmbedTextParams
 
     p = section(meta, "embed_text", EmbedTextParams, ckpt)
@@ -294,10 +294,10 @@ def encode_text(meta: dict, ckpt: Path, text: str, device: str) -> np.ndarray:
 
 def encode_reference(meta: dict, ckpt: Path, img: Image.Image, pool: int, device: str) -> tuple[np.ndarray, np.ndarray]:
     """DINOv3 CLS (D,) and patches pooled as the shards hold them (h/pool, w/pool, D)."""
-    from models import dinov3
+    from models.encoders import dinov3
     from tasks.embed_image import PATCH, EmbedImageParams
     from tasks.shard import ShardParams
-    from tasks.shard_format import dequantize, pool_patches, quantize
+    from tasks.data.shard_format import dequantize, pool_patches, quantize
 
     p = section(meta, "embed_image", EmbedImageParams, ckpt)
     try:
@@ -318,7 +318,7 @@ def encode_reference(meta: dict, ckpt: Path, img: Image.Image, pool: int, device
 
 def pose_from_image(meta: dict, ckpt: Path, img: Image.Image, device: str) -> np.ndarray:
     """(133, 3) keypoints of the largest person in an image already bucketed to the frame."""
-    from models.dwpose import DWPose, resolve_onnx
+    from models.encoders.dwpose import DWPose, resolve_onnx
     from tasks.embed_pose import EmbedPoseParams, _item
 
     p = section(meta, "embed_pose", EmbedPoseParams, ckpt)
@@ -356,7 +356,7 @@ def output_paths(out: Path, n: int) -> list[Path]:
 def write_png(img: Image.Image, path: Path, info: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
-    from tasks.store import atomic_write
+    from tasks.core.store import atomic_write
 
     chunk = PngInfo()
     chunk.add_text("niche", json.dumps(info, sort_keys=True, ensure_ascii=False))
@@ -485,7 +485,7 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
 # ---------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.stage import setup_logging
+    from tasks.core.stage import setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m tasks.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

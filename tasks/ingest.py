@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.hub import SetupError
-from tasks import manifest
-from tasks.images import ImageRejected, decode
-from tasks.stage import Report, run_items, stage_main
-from tasks.store import Store, item_key, sha256_file
+from tasks.core import manifest
+from tasks.core.images import ImageRejected, decode
+from tasks.core.stage import Report, run_items, stage_main
+from tasks.core.store import Store, item_key, sha256_file
 
 log = logging.getLogger("niche.ingest")
 

@@ -63,13 +63,19 @@ def set_values(text: str, values: dict[str, dict]) -> tuple[str, list[str]]:
     return "".join(lines), changes
 
 
+def build_tiny(root: Path = Path("models/tiny")) -> Path:
+    """The tiny profile's random-weight models in `root` (a folder already built is kept)."""
+    from models.tiny import build_all
+    from tasks.sample.corpus import tiny_corpus
+
+    return build_all(root, tiny_corpus())
+
+
 def apply(name: str, params: Path = Path("params.yaml"), build: bool = True) -> list[str]:
     """Write the profile into `params`; returns the changes as 'section.key: old -> new'."""
     profile = load_profile(name)
     if build and name == "tiny":
-        from models.tiny import build_all
-
-        build_all(Path("models/tiny"))
+        build_tiny(Path("models/tiny"))
     text, changes = set_values(params.read_text(encoding="utf-8"), profile)
     doc = yaml.safe_load(text)
     for section, kv in profile.items():  # the edit did what it says

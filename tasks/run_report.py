@@ -34,14 +34,14 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from tasks.store import atomic_write
-from tasks.svg_chart import PALETTE, Series, esc, fmt, note, svg_chart
+from tasks.core.store import atomic_write
+from tasks.report.chart import PALETTE, Series, esc, fmt, note, svg_chart
 
 log = logging.getLogger("niche.report")
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 LPIPS_TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
-HIGHER_IS_BETTER = frozenset({"text_manipulation", "cfg_divergence"})  # as tasks/validate_suite.py (no torch here)
+HIGHER_IS_BETTER = frozenset({"text_manipulation", "cfg_divergence"})  # as tasks/report/suite.py (no torch here)
 SETTINGS = ("preset", "steps", "lr", "optimizer", "tread", "repa", "image_scale")
 MORE_SETTINGS = ("batch_size", "grad_accum", "min_lr", "warmup_steps", "repa_weight", "tread_rate", "seed")
 LATEST_WIDTH, THUMB_WIDTH, EARLIER_SAMPLES = 1024, 320, 6

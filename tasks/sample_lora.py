@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models import sdxl
+from models.sdxl import pipeline as sdxl
 from models.hub import SetupError, torch_device
-from models.sdxl_objective import Objective, denoise, time_ids
-from models.sdxl_text import encode_prompts
-from models.sdxl_ti import expand
+from models.sdxl.objective import Objective, denoise, time_ids
+from models.sdxl.text import encode_prompts
+from models.sdxl.ti import expand
 from tasks.sweep import SweepError, sweep
 from tasks.train_lora import SECTIONS, finished
-from tasks.train_lora_params import LoraParams
+from tasks.sdxl.params import LoraParams
 
 log = logging.getLogger("niche.sample_lora")
 WRONG = "wrong"
@@ -94,7 +94,7 @@ class SDXLSampler:
         self.meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
         pipe.load_lora_weights(str(ckpt / "lora"), adapter_name="style")
         if self.meta.get("tokens"):
-            from models.sdxl_ti import load_embeddings
+            from models.sdxl.ti import load_embeddings
 
             emb = load_embeddings(ckpt / "embeddings.safetensors")
             pipe.load_textual_inversion(emb["clip_l"], token=self.meta["tokens"], text_encoder=pipe.text_encoder,
@@ -129,13 +129,13 @@ class SDXLSampler:
 
 
 def _params(section: str, path: str) -> LoraParams:
-    from tasks.stage import section_or_exit
+    from tasks.core.stage import section_or_exit
     return section_or_exit(SECTIONS[section], section, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.stage import setup_logging
-    from tasks.train_log import save_png
+    from tasks.core.stage import setup_logging
+    from tasks.training.live import save_png
 
     ap = argparse.ArgumentParser(prog="python -m tasks.sample_lora", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """Stage `shard`: every modality of a sample joined by its content id into
 WebDataset tars, one set per split and bucket, plus two parquet tables.
 
-    data/shards/{split}/{bucket}/shard-{n:06d}.tar   members: see tasks/shard_format.py
+    data/shards/{split}/{bucket}/shard-{n:06d}.tar   members: see tasks/data/shard_format.py
     data/shards/index.parquet    one row per approved sample of the bucket manifest (where, or why not)
     data/shards/shards.parquet   one row per shard (samples, bytes, sha256, content key)
 
@@ -36,11 +36,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from models.hub import SetupError
-from tasks import caption, embed_image, embed_pose, embed_text, manifest
-from tasks import shard_format as fmt
+from tasks import caption, embed_image, embed_pose, embed_text
+from tasks.core import manifest
+from tasks.data import shard_format as fmt
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.stage import Report, default_workers, stage_main
-from tasks.store import TMP_SUFFIX, Store
+from tasks.core.stage import Report, default_workers, stage_main
+from tasks.core.store import TMP_SUFFIX, Store
 
 log = logging.getLogger("niche.shard")
 

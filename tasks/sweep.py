@@ -16,7 +16,7 @@ each cell's image size, and the sampler's settings. Both are written atomically.
 The grid and the loop know nothing of the model: anything with the `Sampler`
 protocol's two methods can be swept (the SDXL LoRA trainer's checkpoints too).
 `NanoDiTSampler` is the one for this project's NanoDiT runs:
-  - checkpoints: every finished runs/<run>/checkpoints/step-* (tasks/train_state.py);
+  - checkpoints: every finished runs/<run>/checkpoints/step-* (tasks/training/checkpoints.py);
   - text only (no reference, no pose), the prompt written as the caption stage writes
     it (trigger in front) and encoded by the checkpoint's embed_text model, once per
     prompt for the whole sweep;
@@ -183,7 +183,7 @@ def sweep(sampler: Sampler, prompts: list[str] | tuple[str, ...], seeds: list[in
     layout to the .json beside it (both atomically); returns `out_png`."""
     from PIL.PngImagePlugin import PngInfo
 
-    from tasks.store import atomic_write, atomic_write_json
+    from tasks.core.store import atomic_write, atomic_write_json
 
     out_png = Path(out_png)
     if out_png.suffix.lower() != ".png":
@@ -264,7 +264,7 @@ class NanoDiTSampler:
                 "device": self.device, "parts": "text only"}
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        from tasks.train_state import step_dirs
+        from tasks.training.checkpoints import step_dirs
 
         found = step_dirs(self.run_dir / "checkpoints")
         if not found:
@@ -400,7 +400,7 @@ def default_prompts(params: str | Path = "params.yaml") -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     from tasks.generate import WEIGHTS
-    from tasks.stage import setup_logging
+    from tasks.core.stage import setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m tasks.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

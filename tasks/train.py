@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m tasks.train             # DDP; gloo on CPU, NCCL on CUDA
     python -m tasks.train --stop-at 1200                   # checkpoint at 1200 and stop
 
-A run lives in runs/<run>/: checkpoints/ (tasks/train_state.py), samples/ (the
+A run lives in runs/<run>/: checkpoints/ (tasks/training/checkpoints.py), samples/ (the
 fixed 4-image grid every `sample_every` steps: the conditioning images on top,
 the EMA model's samples below) and live/ (dvclive metrics).
 
@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from models.flow_matching import cfg_keep, euler_sample, loss_terms
 from models.hub import SetupError
 from models.nanodit import Conditioning, NanoDiT
-from tasks import train_state
-from tasks.loader import ShardLoader
-from tasks.params import as_dict
-from tasks.stage import section_or_exit, setup_logging
-from tasks.train_log import Window, grid, open_live, save_png, to_uint8
-from tasks.train_params import NOT_TRAJECTORY, TrainParams
+from tasks.training import checkpoints as train_state
+from tasks.data.loader import ShardLoader
+from tasks.core.params import as_dict
+from tasks.core.stage import section_or_exit, setup_logging
+from tasks.training.live import Window, grid, open_live, save_png, to_uint8
+from tasks.nanodit.params import NOT_TRAJECTORY, TrainParams
 
 log = logging.getLogger("niche.train")
 DATASET_SECTIONS = ("bucket", "caption", "embed_text", "embed_image", "embed_pose", "shard")

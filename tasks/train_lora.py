@@ -36,16 +36,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models import sdxl
+from models.sdxl import pipeline as sdxl
 from models.hub import SetupError, torch_device
-from models.sdxl_objective import Objective
-from models.sdxl_text import CHUNK, encode_prompts
-from tasks import lora_data, train_state
-from tasks.params import as_dict
-from tasks.stage import section_or_exit, setup_logging
+from models.sdxl.objective import Objective
+from models.sdxl.text import CHUNK, encode_prompts
+from tasks.sdxl import data as lora_data
+from tasks.training import checkpoints as train_state
+from tasks.core.params import as_dict
+from tasks.core.stage import section_or_exit, setup_logging
 from tasks.train import TrainError, peak_memory_gb, seeded, supersede
-from tasks.train_lora_params import NOT_TRAJECTORY, LoraParams, WrongParams
-from tasks.train_log import Window, open_live
+from tasks.sdxl.params import NOT_TRAJECTORY, LoraParams, WrongParams
+from tasks.training.live import Window, open_live
 
 log = logging.getLogger("niche.train_lora")
 SECTIONS = {"train_lora": LoraParams, "train_wrong": WrongParams}
@@ -97,7 +98,7 @@ class LoraTrainer:
                                                init_lora_weights="gaussian", target_modules=TE_TARGETS))
             self.pivotal = None
             if p.ti:
-                from models.sdxl_ti import PivotalTokens
+                from models.sdxl.ti import PivotalTokens
                 self.pivotal = PivotalTokens(self.text, trigger=p.trigger, n_tokens=p.ti_tokens, init=p.ti_init,
                                              seed=p.seed)
         self.lora_params = [q for q in self.unet.parameters() if q.requires_grad]
@@ -316,8 +317,8 @@ class LoraTrainer:
     def save(self, loss: float) -> Path:
         from peft.utils import get_peft_model_state_dict
 
-        from models.sdxl_export import save_kohya, save_lora
-        from models.sdxl_ti import save_embeddings
+        from models.sdxl.export import save_kohya, save_lora
+        from models.sdxl.ti import save_embeddings
 
         ckpts = self.run_dir / "checkpoints"
         te = [enc if self.p.text_encoder_lora else None for enc in (self.text.text_encoder, self.text.text_encoder_2)]

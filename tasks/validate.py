@@ -11,7 +11,7 @@ read, never written.
 The samples: the first `holdout` of the holdout split, in the loader's order for `seed`
 (the train split, with a warning and a flag, when the shards have no holdout), at the
 image scale the checkpoint trained at (or validate.image_scale). The checks
-(tasks/validate_suite.py): reconstruction, dino_swap, text_manipulation, cfg_divergence —
+(tasks/report/suite.py): reconstruction, dino_swap, text_manipulation, cfg_divergence —
 each image generated from the noise of seed + its index, with the EMA weights by default.
 
 Written, each file atomically, beside the checkpoints of the run the checkpoint belongs to:
@@ -48,11 +48,11 @@ from typing import Literal
 
 from models.flow_matching import GUIDANCE
 from models.hub import SetupError
-from tasks import train_state
+from tasks.training import checkpoints as train_state
 from tasks.generate import GenerateError, find_checkpoint, read_meta, resolve_device, trained_scale
-from tasks.params import as_dict
-from tasks.store import atomic_write, atomic_write_json
-from tasks.validate_suite import HIGHER_IS_BETTER, IMAGE_ROLES, LPIPS_MIN, TESTS, Sample, stats
+from tasks.core.params import as_dict
+from tasks.core.store import atomic_write, atomic_write_json
+from tasks.report.suite import HIGHER_IS_BETTER, IMAGE_ROLES, LPIPS_MIN, TESTS, Sample, stats
 
 log = logging.getLogger("niche.validate")
 HISTORY_COLUMNS = ("step", "reconstruction_lpips", "dino_swap_lpips", "text_manipulation_lpips",
@@ -147,7 +147,7 @@ def run_dir_of(ckpt: Path) -> Path:
 
 
 def load_samples(p: ValidateParams, root: Path) -> tuple[list[Sample], str]:
-    from tasks.loader import ShardLoader
+    from tasks.data.loader import ShardLoader
 
     shards = p.shards if "://" in p.shards else str(root / p.shards)
     problem = None
@@ -262,8 +262,8 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
     DVC stage (validate.checkpoint, no other checkpoint): also write metrics/validate.json."""
     from models.nanodit import NanoDiT
     from tasks.generate import encode_text
-    from tasks.train_log import grid, save_png
-    from tasks.validate_suite import Suite
+    from tasks.training.live import grid, save_png
+    from tasks.report.suite import Suite
 
     t0, root = time.perf_counter(), Path(root)
     if dvc_stage and checkpoint is not None:
@@ -370,7 +370,7 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.stage import section_or_exit, setup_logging
+    from tasks.core.stage import section_or_exit, setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m tasks.validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -140,11 +140,11 @@ def chdir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_models():
     """The tiny profile's models, built once into this checkout's models/tiny
-    (what `python -m models.tiny` does; a folder already built is kept), so
+    (what `python -m tasks.profile tiny` does; a folder already built is kept), so
     every scaffolded repo copies them instead of building them again."""
-    from models.tiny import build_all
+    from tasks.profile import build_tiny
 
-    return build_all(ROOT / "models" / "tiny")
+    return build_tiny(ROOT / "models" / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from models.gemma import GemmaCaptioner, build_tiny_gemma3
+from models.encoders.gemma import GemmaCaptioner, build_tiny_gemma3
 from models.hub import TINY_MARKER, ModelMissing
 from tasks.bucket import BucketParams, bucket
 from tasks.caption import (DEFAULT_INSTRUCTION, FLAG_MAX_TOKENS, FLAG_REPETITION, STORE, CaptionParams,
                            apply_trigger, caption, caption_flags, normalize, repetition_coverage)
 from tasks.ingest import IngestParams, ingest
-from tasks.params import ParamsError, from_dict
+from tasks.core.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
 from tests.conftest import bucketed_sample
 

@@ -1,4 +1,4 @@
-"""DWPose's pre/post-processing (models/dwpose_decode.py), checked against known
+"""DWPose's pre/post-processing (models/encoders/dwpose_decode.py), checked against known
 geometry and against the sample generator's true keypoints."""
 import json
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import dwpose_decode as dec
-from tasks import manifest
+from models.encoders import dwpose_decode as dec
+from tasks.core import manifest
 from tasks.bucket import BucketParams, bucket
 from tasks.ingest import IngestParams, ingest
 from tasks.sample.__main__ import make_sample

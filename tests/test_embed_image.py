@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from models.dinov3 import build_tiny_dinov3
+from models.encoders.dinov3 import build_tiny_dinov3
 from models.hub import ModelMissing
 from tasks import embed_image as stage
-from tasks import manifest
+from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.bucket import BucketParams
 from tasks.embed_image import EmbedImageParams, embed_image
-from tasks.params import from_dict
-from tasks.store import Store, read_tensors
+from tasks.core.params import from_dict
+from tasks.core.store import Store, read_tensors
 from tests.conftest import bucketed_sample
 
 M = Path("data/manifest")

@@ -10,17 +10,17 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 
-from models import dwpose_decode as dec
-from models.dwpose import CUDA, DeviceUnavailable
+from models.encoders import dwpose_decode as dec
+from models.encoders.dwpose import CUDA, DeviceUnavailable
 from models.hub import TINY_MARKER, ModelMissing
-from models.tiny_dwpose import build_tiny_dwpose
-from tasks import manifest
+from models.encoders.tiny_dwpose import build_tiny_dwpose
+from tasks.core import manifest
 from tasks.bucket import BucketParams, bucket
 from tasks.embed_pose import STORE, EmbedPoseParams, embed_pose, main
 from tasks.ingest import IngestParams, ingest
-from tasks.params import ParamsError, from_dict
+from tasks.core.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
-from tasks.store import Store, read_tensors
+from tasks.core.store import Store, read_tensors
 
 SMALL_BUCKETS = ((256, 256), (320, 192), (192, 320))
 CPU_WARNING = "DWPose runs on the CPU"

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from models.hub import ModelMissing
-from models.t5 import T5Encoder, build_tiny_t5, check_vocab
+from models.encoders.t5 import T5Encoder, build_tiny_t5, check_vocab
+from tasks.sample.corpus import tiny_corpus
 from tasks import embed_text as stage
 from tasks.embed_text import EmbedTextParams, embed_text
 from tasks.ingest import IngestParams, ingest
-from tasks.params import from_dict
+from tasks.core.params import from_dict
 from tasks.sample.__main__ import make_sample
-from tasks.store import Store, read_tensors
+from tasks.core.store import Store, read_tensors
 
 M = Path("data/manifest")
 # What this stage reads of the caption stage's manifest (its other columns are not used).
@@ -27,7 +28,7 @@ CAPTION = pa.schema([("id", pa.string()), ("split", pa.string()), ("text", pa.st
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory) -> Path:
-    return build_tiny_t5(tmp_path_factory.mktemp("models") / "t5")
+    return build_tiny_t5(tmp_path_factory.mktemp("models") / "t5", tiny_corpus())
 
 
 @pytest.fixture

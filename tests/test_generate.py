@@ -130,14 +130,14 @@ def test_reference_and_pose_change_the_image(ckpt, reference, tmp_path, caplog):
 
 
 def test_only_the_encoders_needed_are_loaded(ckpt, tmp_path, monkeypatch):
-    import models.dinov3
-    import models.dwpose
+    import models.encoders.dinov3
+    import models.encoders.dwpose
 
     def refuse(*a, **kw):
         raise AssertionError("loaded an encoder nobody asked for")
 
-    monkeypatch.setattr(models.dinov3, "DINOv3Encoder", refuse)
-    monkeypatch.setattr(models.dwpose, "DWPose", refuse)
+    monkeypatch.setattr(models.encoders.dinov3, "DINOv3Encoder", refuse)
+    monkeypatch.setattr(models.encoders.dwpose, "DWPose", refuse)
     path, = generate(ckpt, "", tmp_path / "plain.png", size="64x64", guidance="none")
     assert _info(path)["text"] == ""  # an empty prompt gets no trigger
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.images import ImageRejected, decode
+from tasks.core.images import ImageRejected, decode
 from tasks.sample.photos import _bomb_png
 
 LIMIT = 100_000_000

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from models.hub import resolve
-from models.sdxl import load_vae
+from models.sdxl.pipeline import load_vae
 from tasks import latents as stage
-from tasks import manifest
+from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.bucket import BucketParams
 from tasks.latents import LatentMismatch, LatentsParams, encoded_size, latents, read_latent
-from tasks.params import ParamsError, from_dict
-from tasks.store import Store
+from tasks.core.params import ParamsError, from_dict
+from tasks.core.store import Store
 from tests.conftest import BIN, bucketed_sample, run
 
 M = Path("data/manifest")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from tasks.loader import FLIP_PERMUTATION, ShardError, ShardLoader, flip_sample, interleave
+from tasks.data.loader import FLIP_PERMUTATION, ShardError, ShardLoader, flip_sample, interleave
 from tasks.sample import skeleton
 from tests.shardkit import garble_member, write_dataset, truncate_in_member
 

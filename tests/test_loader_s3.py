@@ -18,7 +18,7 @@ import boto3
 import pytest
 import torch
 
-from tasks.loader import ShardError, ShardLoader
+from tasks.data.loader import ShardError, ShardLoader
 from tests.shardkit import write_dataset
 
 BIN = Path(sys.executable).parent

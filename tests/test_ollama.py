@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from models.ollama import OllamaClient, OllamaError, OllamaUnreachable
+from models.encoders.ollama import OllamaClient, OllamaError, OllamaUnreachable
 from tasks.bucket import BucketParams, bucket
 from tasks.caption import FLAG_MAX_TOKENS, CaptionParams, caption
 from tasks.ingest import IngestParams, ingest

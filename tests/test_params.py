@@ -5,7 +5,7 @@ import pytest
 
 from tasks.bucket import BucketParams
 from tasks.ingest import IngestParams
-from tasks.params import ParamsError, from_dict, load_section
+from tasks.core.params import ParamsError, from_dict, load_section
 
 ROOT_PARAMS = __import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -99,8 +99,8 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     from tasks.latents import LatentsParams
     from tasks.profile import apply, load_profile
     from tasks.shard import ShardParams
-    from tasks.train_lora_params import LoraParams, WrongParams
-    from tasks.train_params import TrainParams
+    from tasks.sdxl.params import LoraParams, WrongParams
+    from tasks.nanodit.params import TrainParams
     from tasks.validate import ValidateParams
 
     params = tmp_path / "params.yaml"

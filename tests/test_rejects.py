@@ -18,7 +18,7 @@ from tasks import caption as caption_stage
 from tasks import embed_image, embed_pose, embed_text, ingest as ingest_stage
 from tasks.bucket import BucketParams, bucket
 from tasks.ingest import IngestParams, ingest
-from tasks.params import from_dict
+from tasks.core.params import from_dict
 from tasks.sample.__main__ import main as sample_main
 from tasks.sample.__main__ import make_sample
 from tasks.sample.rejects import write_rejects

@@ -14,9 +14,9 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from models.sdxl import TextEncoders, load_pipeline, resolve_sdxl
-from models.sdxl_export import LORA_FILE, save_kohya, save_lora
-from models.sdxl_ti import PivotalTokens, load_embeddings, save_embeddings
+from models.sdxl.pipeline import TextEncoders, load_pipeline, resolve_sdxl
+from models.sdxl.export import LORA_FILE, save_kohya, save_lora
+from models.sdxl.ti import PivotalTokens, load_embeddings, save_embeddings
 
 PROMPT = "TOK, a figure juggling"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]

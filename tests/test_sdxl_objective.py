@@ -1,4 +1,4 @@
-"""The SDXL objectives (models/sdxl_objective.py) and the LoRA schedule, without a model."""
+"""The SDXL objectives (models/sdxl/objective.py) and the LoRA schedule, without a model."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from models.sdxl_objective import Objective, offset_noise, time_ids
-from tasks.params import from_dict
+from models.sdxl.objective import Objective, offset_noise, time_ids
+from tasks.core.params import from_dict
 from tasks.train_lora import lr_lambda
-from tasks.train_lora_params import LoraParams
+from tasks.sdxl.params import LoraParams
 
 SCHED = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
          "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon"}
@@ -59,7 +59,7 @@ def test_constant_and_cosine_schedules_warm_up_then_hold_or_decay():
 def test_batches_keep_buckets_and_chunk_counts_apart_and_resume_in_place():
     from pathlib import Path
 
-    from tasks.lora_data import BucketBatches, Row
+    from tasks.sdxl.data import BucketBatches, Row
 
     rows = [Row(f"{i:02d}", Path(f"{i}.safetensors"), "1024x1024" if i % 2 else "832x1216", (128, 128),
                 f"prompt {i}", (1024, 1024, 0, 0, 128, 128)) for i in range(12)]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from models.sdxl import TextEncoders, load_pipeline, load_text_encoders, resolve_sdxl
-from models.sdxl_text import encode_prompts, tokenize_chunks
+from models.sdxl.pipeline import TextEncoders, load_pipeline, load_text_encoders, resolve_sdxl
+from models.sdxl.text import encode_prompts, tokenize_chunks
 
 PROMPT = "TOK, a figure juggling three balls, white background"
 DOTS_200 = "dots " * 50  # "d o t s</w>": 4 tokens a word in the tiny byte-level vocabulary

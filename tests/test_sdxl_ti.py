@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.sdxl import TextEncoders, load_text_encoders, resolve_sdxl
-from models.sdxl_text import encode_prompts
-from models.sdxl_ti import PivotalTokens, load_embeddings, save_embeddings
+from models.sdxl.pipeline import TextEncoders, load_text_encoders, resolve_sdxl
+from models.sdxl.text import encode_prompts
+from models.sdxl.ti import PivotalTokens, load_embeddings, save_embeddings
 
 
 @pytest.fixture

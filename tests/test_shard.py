@@ -19,19 +19,20 @@ from PIL import Image
 
 from models.hub import SetupError
 from tasks import caption as caption_stage
-from tasks import embed_image, embed_pose, embed_text, manifest
-from tasks import shard_format as fmt
+from tasks import embed_image, embed_pose, embed_text
+from tasks.core import manifest
+from tasks.data import shard_format as fmt
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.bucket import BucketParams, bucket
 from tasks.embed_image import EmbedImageParams
 from tasks.embed_pose import EmbedPoseParams
 from tasks.embed_text import EmbedTextParams
 from tasks.ingest import IngestParams, ingest
-from tasks.params import ParamsError, from_dict
+from tasks.core.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
 from tasks.sample.particles import write_particle_dataset
 from tasks.shard import INDEX, SHARDS, ShardParams, main, shard
-from tasks.store import Store, read_tensors
+from tasks.core.store import Store, read_tensors
 
 M = Path("data/manifest")
 S = Path("data/shards")

@@ -1,7 +1,7 @@
 import pytest
 
-from tasks.stage import ItemError, run_items
-from tasks.store import Store, atomic_write, item_key
+from tasks.core.stage import ItemError, run_items
+from tasks.core.store import Store, atomic_write, item_key
 
 
 def test_item_key_changes_with_every_field_and_ignores_dict_order():
@@ -69,8 +69,8 @@ def test_stale_temporaries_are_removed_and_never_listed(tmp_path):
 def test_run_batches_groups_orders_and_isolates_a_bad_item(tmp_path):
     import numpy as np
 
-    from tasks.stage import run_batches
-    from tasks.store import read_tensors, write_tensors
+    from tasks.core.stage import run_batches
+    from tasks.core.store import read_tensors, write_tensors
 
     store = Store(tmp_path / "s", ".safetensors")
     lengths = {"a": 5, "b": 1, "c": 3, "bad": 2, "d": 4}

@@ -18,11 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tasks import train as train_mod
-from tasks import train_state
-from tasks.params import ParamsError, from_dict
+from tasks.training import checkpoints as train_state
+from tasks.core.params import ParamsError, from_dict
 from models.nanodit import NanoDiT
 from tasks.train import ADAMW_WEIGHTS, Trainer, TrainError, ema_decay_at, grid_guidance, optimizers
-from tasks.train_params import TrainParams
+from tasks.nanodit.params import TrainParams
 from tests import shardkit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def twin(root: Path, tmp_path_factory) -> Path:
 
 
 def grid_cell(png: Path) -> tuple[int, int]:
-    """The (width, height) of one cell of a 4-column, 2-row sample grid (tasks.train_log.grid, pad 4)."""
+    """The (width, height) of one cell of a 4-column, 2-row sample grid (tasks.training.live.grid, pad 4)."""
     w, h = Image.open(png).size
     return (w - 4) // 4 - 4, (h - 4) // 2 - 4
 

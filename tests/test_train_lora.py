@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.params import from_dict
+from tasks.core.params import from_dict
 from tasks.train_lora import LoraTrainer, finished
-from tasks.train_lora_params import LoraParams, WrongParams
+from tasks.sdxl.params import LoraParams, WrongParams
 from tests.conftest import make_repo, run
 
 pytestmark = pytest.mark.slow

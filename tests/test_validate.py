@@ -20,12 +20,12 @@ import torch
 import yaml
 from PIL import Image
 
-import tasks.validate_suite
-from tasks.params import ParamsError, as_dict, from_dict
-from tasks.train_params import TrainParams
+import tasks.report.suite
+from tasks.core.params import ParamsError, as_dict, from_dict
+from tasks.nanodit.params import TrainParams
 from tasks.validate import (HISTORY_COLUMNS, NOT_COMPARABLE, ValidateError, ValidateParams, judge, main,
                             read_history, validate, write_history)
-from tasks.validate_suite import IMAGE_ROLES, Sample, edit_caption, partners, stats
+from tasks.report.suite import IMAGE_ROLES, Sample, edit_caption, partners, stats
 from tests import shardkit
 from tests.conftest import BIN, ROOT
 from tests.dit_kit import nudged
@@ -83,7 +83,7 @@ def _tree(folder: Path) -> dict:
 
 def test_writes_the_contract_files_labelled_not_comparable_and_is_deterministic(root, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(tasks.validate_suite, "THUMB", 16)  # grids of thumbnails smaller than the samples
+    monkeypatch.setattr(tasks.report.suite, "THUMB", 16)  # grids of thumbnails smaller than the samples
     first = validate(params(), root, dvc_stage=True)  # checkpoint: latest, as the DVC stage
     out = root / "runs/nanodit/validation/step-000100"
     assert first["step"] == 100 and first["split"] == "holdout" and first["already_validated"] is False

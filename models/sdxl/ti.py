@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models.sdxl import TextEncoders
-from tasks.store import atomic_write
+from models.sdxl.pipeline import TextEncoders
 
 KEYS = ("clip_l", "clip_g")  # text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP bigG)
 
@@ -150,7 +149,9 @@ def save_embeddings(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
 
     path = Path(path)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    # Written as is: the trainer writes it inside a checkpoint's temporary folder (renamed whole).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
     return path
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models import dwpose_decode as dec
+from models.encoders import dwpose_decode as dec
 from models.hub import ModelMissing, ResolvedModel, SetupError, resolve
 
 log = logging.getLogger("niche.models.dwpose")

@@ -2,7 +2,7 @@
 models' input and output names and shapes, so the real loading and decoding
 code runs on them. Their outputs mean nothing.
 
-    python -m models.tiny_dwpose models/tiny/dwpose
+    python -m models.encoders.tiny_dwpose models/tiny/dwpose
 
 - detector `yolox.onnx`: "images" 1x3x640x640 (0..255) → "output" 1x8400x85,
   the raw YOLOX head (box offsets and log sizes, then sigmoid objectness and

@@ -32,7 +32,7 @@ from models.flow_matching import euler_sample
 from models.lpips_metric import MIN_SIZE as LPIPS_MIN
 from models.nanodit import Conditioning, NanoDiT
 from tasks.train import to_inputs
-from tasks.train_log import save_png, to_uint8
+from tasks.training.live import save_png, to_uint8
 
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
 HIGHER_IS_BETTER = frozenset({"text_manipulation", "cfg_divergence"})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.store import atomic_write
+from tasks.core.store import atomic_write
 
 MANIFEST_DIR = Path("data/manifest")
 

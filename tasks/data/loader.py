@@ -50,13 +50,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.loader_s3 import (Shard, ShardError, Source, decode_sample, open_source, read_samples, read_shards,
+from tasks.data.s3 import (Shard, ShardError, Source, decode_sample, open_source, read_samples, read_shards,
                              size_of)
 
 log = logging.getLogger("niche.loader")
 # Workers fork from a forkserver (see ShardLoader): have it import these once,
 # so a new worker starts in milliseconds rather than re-importing torch.
-multiprocessing.set_forkserver_preload(["torch", "numpy", "tasks.loader"])
+multiprocessing.set_forkserver_preload(["torch", "numpy", "tasks.data.loader"])
 
 __all__ = ["ShardLoader", "ShardError", "FLIP_PERMUTATION", "flip_sample", "deal", "interleave"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from models.sdxl_objective import time_ids
+from models.sdxl.objective import time_ids
 from tasks.latents import STORE as LATENTS_STORE
 from tasks.latents import read_latent
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.store import atomic_write
+from tasks.core.store import atomic_write
 
 log = logging.getLogger("niche.train")
 

@@ -1,4 +1,4 @@
-"""Shards for the loader (tasks/loader.py): the shard table, where shard bytes come
+"""Shards for the loader (tasks/data/loader.py): the shard table, where shard bytes come
 from, and one shard's samples as checked arrays.
 
 Sources: a local folder, or S3 — one GetObject per whole shard, streamed (the tar
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from tasks.store import atomic_write, sha256_file
+from tasks.core.store import atomic_write, sha256_file
 
 log = logging.getLogger("niche.loader")
 

@@ -11,8 +11,9 @@ with per-module `.alpha` that ComfyUI, A1111, SD.Next and InvokeAI read (as the
 advanced SDXL script does). Kohya's scale is alpha / rank, so alpha is taken from the
 saved config rather than diffusers' default of alpha = rank.
 
-Both files are written under a temporary name and renamed: a half-written LoRA is
-never mistaken for a finished one.
+Both write where they are told, as they go: the trainer calls them inside a checkpoint's
+hidden temporary folder that is renamed into place whole (tasks/training/checkpoints.py),
+so a half-written LoRA is never mistaken for a finished one. (models/ never imports tasks/.)
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-
-from tasks.store import atomic_write
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -65,15 +64,12 @@ def save_lora(folder: Path, unet, text_encoder=None, text_encoder_2=None) -> Pat
     folder = Path(folder)
     path = folder / LORA_FILE
 
-    def write(tmp: Path) -> None:
-        # save_lora_weights names the file itself: let it write into a private folder
-        # next to the target, then move the file to the temporary name atomic_write renames.
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as d:
-            StableDiffusionXLPipeline.save_lora_weights(d, safe_serialization=True, **kwargs)
-            shutil.move(Path(d) / LORA_FILE, tmp)
-
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
+    # save_lora_weights names the file itself and may write more than it: a private folder, then
+    # only the LoRA file is moved in.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as d:
+        StableDiffusionXLPipeline.save_lora_weights(d, safe_serialization=True, **kwargs)
+        shutil.move(Path(d) / LORA_FILE, path)
     return path
 
 
@@ -107,5 +103,6 @@ def save_kohya(diffusers_lora_file: Path, out: Path) -> Path:
     _kohya_alphas(kohya, metadata)
     kohya = {k: v.contiguous() for k, v in kohya.items()}
     out = Path(out)
-    atomic_write(out, lambda p: save_file(kohya, str(p), metadata={"format": "pt"}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya, str(out), metadata={"format": "pt"})
     return out

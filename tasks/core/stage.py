@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable
 from tqdm import tqdm
 
 from models.hub import SetupError
-from tasks.params import ParamsError, load_section
-from tasks.store import Store, atomic_write_json
+from tasks.core.params import ParamsError, load_section
+from tasks.core.store import Store, atomic_write_json
 
 log = logging.getLogger("niche")
 

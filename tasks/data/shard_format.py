@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.store import atomic_write, sha256_file
+from tasks.core.store import atomic_write, sha256_file
 
 FORMAT = 1  # bump when the bytes written for the same inputs would change
 BLOCK = tarfile.BLOCKSIZE  # 512

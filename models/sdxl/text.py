@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from models.sdxl import TOKENIZER_MAX, TextEncoders
+from models.sdxl.pipeline import TOKENIZER_MAX, TextEncoders
 
 log = logging.getLogger("niche.models.sdxl")
 CHUNK = TOKENIZER_MAX - 2  # the 75 tokens between BOS and EOS

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from models.sdxl import DEFAULT_MODEL
+from models.sdxl.pipeline import DEFAULT_MODEL
 
 # Settings that change neither the trajectory nor the checkpoints' contents: a run resumes across them.
 NOT_TRAJECTORY = frozenset({"steps", "checkpoint_every", "keep_states", "log_every", "nan_patience",
