@@ -18,7 +18,8 @@ from PIL import Image
 
 from tasks.core import manifest
 from tasks.core.images import decode
-from tasks.core.stage import ItemError, Report, run_items, stage_main
+from tasks.core.runner import run_items
+from tasks.core.stage import ItemError, Report, stage_main
 from tasks.core.store import Store, item_key
 
 VERSION = 1  # bump when the pixels written for the same key would change

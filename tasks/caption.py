@@ -24,7 +24,8 @@ import pyarrow as pa
 
 from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.stage import Report, run_batches, stage_main
+from tasks.core.runner import run_batches
+from tasks.core.stage import Report, stage_main
 from tasks.core.store import Store, item_key
 
 log = logging.getLogger("niche.caption")

@@ -22,7 +22,9 @@ from models.encoders import dinov3
 from models.hub import resolve, torch_device, torch_dtype
 from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.stage import ItemError, Report, default_workers, run_batches, settle_rows, stage_main
+from tasks.core.executors import default_workers
+from tasks.core.runner import run_batches, settle_rows
+from tasks.core.stage import ItemError, Report, stage_main
 from tasks.core.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.embed_image")

@@ -23,7 +23,9 @@ from models.encoders.dwpose import KEYPOINTS, DWPose, PoseResult, resolve_onnx
 from models.encoders.dwpose_decode import normalised_keypoints
 from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.stage import Report, default_workers, run_batches, stage_main
+from tasks.core.executors import default_workers
+from tasks.core.runner import run_batches
+from tasks.core.stage import Report, stage_main
 from tasks.core.store import Store, item_key, read_tensors, write_tensors
 
 log = logging.getLogger("niche.embed_pose")

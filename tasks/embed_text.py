@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from models.encoders import t5
 from models.hub import resolve, torch_device, torch_dtype
 from tasks.core import manifest
-from tasks.core.stage import Report, run_batches, stage_main
+from tasks.core.runner import run_batches
+from tasks.core.stage import Report, stage_main
 from tasks.core.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.embed_text")

@@ -26,7 +26,8 @@ from pathlib import Path
 from models.hub import SetupError
 from tasks.core import manifest
 from tasks.core.images import ImageRejected, decode
-from tasks.core.stage import Report, run_items, stage_main
+from tasks.core.runner import run_items
+from tasks.core.stage import Report, stage_main
 from tasks.core.store import Store, item_key, sha256_file
 
 log = logging.getLogger("niche.ingest")

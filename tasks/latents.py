@@ -25,7 +25,9 @@ from models.sdxl import pipeline as sdxl
 from models.hub import ResolvedModel, SetupError, fingerprint, resolve
 from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.stage import ItemError, Report, default_workers, run_batches, settle_rows, stage_main
+from tasks.core.executors import default_workers
+from tasks.core.runner import run_batches, settle_rows
+from tasks.core.stage import ItemError, Report, stage_main
 from tasks.core.store import Store, item_key, write_tensors
 
 log = logging.getLogger("niche.latents")

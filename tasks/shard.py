@@ -40,7 +40,8 @@ from tasks import caption, embed_image, embed_pose, embed_text
 from tasks.core import manifest
 from tasks.data import shard_format as fmt
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.stage import Report, default_workers, stage_main
+from tasks.core.executors import default_workers
+from tasks.core.stage import Report, stage_main
 from tasks.core.store import TMP_SUFFIX, Store
 
 log = logging.getLogger("niche.shard")

@@ -1,6 +1,8 @@
 import pytest
 
-from tasks.core.stage import ItemError, run_items
+from tasks.core.runner import run_items
+
+from tasks.core.stage import ItemError
 from tasks.core.store import Store, atomic_write, item_key
 
 
@@ -69,7 +71,7 @@ def test_stale_temporaries_are_removed_and_never_listed(tmp_path):
 def test_run_batches_groups_orders_and_isolates_a_bad_item(tmp_path):
     import numpy as np
 
-    from tasks.core.stage import run_batches
+    from tasks.core.runner import run_batches
     from tasks.core.store import read_tensors, write_tensors
 
     store = Store(tmp_path / "s", ".safetensors")
@@ -95,3 +97,51 @@ def test_run_batches_groups_orders_and_isolates_a_bad_item(tmp_path):
     assert arrays["x"].shape == (5,) and meta == {"len": "5"}
     again = run_batches("t", work, store, compute, batch_size=2)
     assert (again.computed, again.reused, again.failed) == (0, 4, 1)
+
+
+def test_the_runner_picks_the_executor_and_every_executor_gives_the_same_result(tmp_path, monkeypatch):
+    """Per-item work runs on threads, model batches inline, unless $NICHE_EXECUTOR says otherwise;
+    the stage never chooses, and the results (store and report) do not depend on the executor."""
+    import threading
+
+    from models.hub import SetupError
+    from tasks.core.executors import InlineExecutor, ThreadExecutor, executor_for
+    from tasks.core.runner import run_batches
+
+    monkeypatch.delenv("NICHE_EXECUTOR", raising=False)
+    assert isinstance(executor_for("items", 3), ThreadExecutor) and executor_for("items", 3).workers == 3
+    assert isinstance(executor_for("batches"), InlineExecutor)
+    monkeypatch.setenv("NICHE_EXECUTOR", "inline")
+    assert isinstance(executor_for("items"), InlineExecutor)
+    monkeypatch.setenv("NICHE_EXECUTOR", "warp-drive")
+    with pytest.raises(SetupError, match="NICHE_EXECUTOR.*inline, threads"):
+        executor_for("items")
+
+    work = [(f"i{n}", item_key("t", 1, [str(n)], {})) for n in range(12)]
+    reports, threads = {}, {}
+    for name in ("threads", "inline"):
+        monkeypatch.setenv("NICHE_EXECUTOR", name)
+        store, seen = Store(tmp_path / name, ".txt"), set()
+
+        def compute(item_id, key, store=store, seen=seen):
+            seen.add(threading.get_ident())
+            if item_id == "i7":
+                raise ItemError("unreadable")
+            store.write_bytes(key, item_id.encode())
+
+        reports[name] = run_items("t", work, store, compute, workers=4)
+        threads[name] = seen
+        assert store.keys() == {k for i, k in work if i != "i7"}
+    assert threads["inline"] == {threading.get_ident()}
+    assert [(r.computed, r.failed, r.failures) for r in reports.values()] == [(11, 1, {"i7": "unreadable"})] * 2
+
+    monkeypatch.delenv("NICHE_EXECUTOR")
+    batch_threads = set()
+
+    def compute_batch(batch):
+        batch_threads.add(threading.get_ident())
+        for _, k in batch:
+            Store(tmp_path / "b", ".txt").write_bytes(k, b"x")
+
+    r = run_batches("t", work, Store(tmp_path / "b", ".txt"), compute_batch, batch_size=5)
+    assert r.computed == 12 and batch_threads == {threading.get_ident()}  # a model batch at a time, here

@@ -1,0 +1,100 @@
+"""Executors: how the stage runner (tasks/core/runner.py) spreads a stage's missing work.
+
+An executor maps a function over a list and yields the results in the list's order, while
+the runner keeps everything else (what is missing, failures per item, counts, the progress
+bar). The stage never picks one: the runner does, by the kind of work —
+
+    items     per-item work (ingest's probe, bucket's resize): threads, $NICHE_WORKERS or all cores
+    batches   model batches: one after another in this process, since the model already spreads
+              itself over the cores or the GPU
+
+— and $NICHE_EXECUTOR overrides both (`threads` or `inline`). A new engine (a Ray pool of GPU
+actors, a Dask cluster) is one more class with `map` and a context manager, and one more name
+in EXECUTORS.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Literal, Protocol, TypeVar
+
+from models.hub import SetupError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EXECUTOR_ENV = "NICHE_EXECUTOR"
+WORKERS_ENV = "NICHE_WORKERS"
+
+
+class Executor(Protocol):
+    """Runs `fn` over `items`, yielding results in the order of `items`. `fn` never raises
+    for a bad item (the runner's wrappers turn failures into values); an exception out of
+    `map` is the engine's own failure and stops the stage. Used as a context manager: leaving
+    the block releases its workers."""
+
+    name: str
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
+
+    def __enter__(self) -> "Executor": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class InlineExecutor:
+    """One item after another in this thread: for work that parallelises itself (a model)."""
+
+    name = "inline"
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        return map(fn, items)
+
+    def __enter__(self) -> "InlineExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class ThreadExecutor:
+    """A pool of threads: the per-item work is I/O or releases the GIL (PIL, hashing, numpy)."""
+
+    name = "threads"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or default_workers()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        if self._pool is None:
+            raise RuntimeError("ThreadExecutor.map outside its `with` block")
+        return self._pool.map(fn, items)
+
+    def __enter__(self) -> "ThreadExecutor":
+        self._pool = ThreadPoolExecutor(max_workers=self.workers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+EXECUTORS: dict[str, Callable[[int | None], Executor]] = {
+    "inline": lambda workers: InlineExecutor(),
+    "threads": lambda workers: ThreadExecutor(workers),
+}
+DEFAULTS = {"items": "threads", "batches": "inline"}
+
+
+def default_workers() -> int:
+    return int(os.environ.get(WORKERS_ENV, 0)) or (os.cpu_count() or 1)
+
+
+def executor_for(kind: Literal["items", "batches"], workers: int | None = None) -> Executor:
+    """The executor for a kind of work: $NICHE_EXECUTOR when set, else the kind's default."""
+    name = os.environ.get(EXECUTOR_ENV) or DEFAULTS[kind]
+    if name not in EXECUTORS:
+        raise SetupError(f"${EXECUTOR_ENV}={name!r}: expected one of {', '.join(sorted(EXECUTORS))}")
+    return EXECUTORS[name](workers)
