@@ -19,6 +19,7 @@ from tasks.run_report import Series, main, read_series, svg_chart, write_report
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", *(shutil.which(n) for n in ("chromium", "chromium-browser")))
                  if p and os.access(p, os.X_OK)), None)
+ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 RED = (255, 0, 0)
 SWEEP_GREEN = (0, 160, 0)
 LOSS_BLUE = (0x1f, 0x77, 0xb4)     # tasks.run_report.PALETTE[0]: the loss polyline
@@ -231,8 +232,20 @@ def test_images_downscaled_and_thumbnails_spread(tmp_path):
     assert "Earlier (6 of 11)" in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (/usr/bin/chromium) to render the page with")
+def need_chromium() -> str:
+    """The browser, or a skip with the reason. Under CI=true a missing browser fails the test:
+    CI must open the report in a real browser (.ci/run installs Debian's chromium)."""
+    if CHROMIUM is None:
+        missing = "no chromium binary (/usr/bin/chromium, or chromium / chromium-browser on PATH)"
+        if ON_CI:
+            pytest.fail(f"{missing}, and CI=true: the report must be opened in a real browser on CI "
+                        "(.ci/run installs it: apt-get install chromium)", pytrace=False)
+        pytest.skip(f"{missing} to render the page with: apt-get install chromium (under CI=true this fails)")
+    return CHROMIUM
+
+
 def test_screenshot_in_headless_chromium(tmp_path):
+    need_chromium()
     run = make_run(tmp_path, comparable=False)
     html = write_report(run)
     png = tmp_path / "shot.png"
