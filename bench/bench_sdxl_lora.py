@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_train import RssPeak, device_info, parse_size, release_memory, sync  # noqa: E402
 from models.sdxl import pipeline as sdxl  # noqa: E402
 from models.sdxl.objective import Objective, time_ids  # noqa: E402
-from tasks.train import seeded  # noqa: E402
+from tasks.training.run import seeded  # noqa: E402
 from tasks.train_lora import lr_lambda  # noqa: E402
 from tasks.sdxl.params import LoraParams  # noqa: E402
 

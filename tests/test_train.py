@@ -17,11 +17,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from tasks import train as train_mod
+from tasks.nanodit import trainer as train_mod
 from tasks.training import checkpoints as train_state
 from tasks.core.params import ParamsError, from_dict
 from models.nanodit import NanoDiT
-from tasks.train import ADAMW_WEIGHTS, Trainer, TrainError, ema_decay_at, grid_guidance, optimizers
+from tasks.nanodit.log import grid_guidance
+from tasks.nanodit.optim import ADAMW_WEIGHTS, ema_decay_at, optimizers
+from tasks.nanodit.trainer import Trainer
+from tasks.training.run import TrainError
 from tasks.nanodit.params import TrainParams
 from tests import shardkit
 
