@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
+RAWFS_PTH := $(VENV)/lib/python3.11/site-packages/niche-rawfs.pth
 STATE := $(CURDIR)/.niche
 PORT ?= 4200
 HOST := 127.0.0.1
@@ -21,7 +22,7 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: demo train train-sdxl test venv sample server serve stop deploy-run status lock clean-demo
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(RAWFS_PTH)
 $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 needed, got " + sys.version' 
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt py
 	$(BIN)/pip install -q --no-deps -c constraints.txt -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Every DVC of the venv (the command and Repo() in the flows) skips entries of data/raw that
+# are not readable regular files (FIFOs, sockets, dangling links...): tasks/core/rawfs.py.
+$(RAWFS_PTH): $(VENV)/.installed
+	$(BIN)/python -m tasks.core.rawfs install
 
 # The whole job on the tiny profile: sample data -> build-dataset -> train ->
 # validate, then the SDXL trainer (latents, negative LoRA, LoRA, sweep), each a flow
