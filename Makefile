@@ -40,11 +40,15 @@ $(RAWFS_PTH): $(VENV)/.installed
 # The whole job on the tiny profile: sample data -> build-dataset -> train ->
 # validate, then the SDXL trainer (latents, negative LoRA, LoRA, sweep), each a flow
 # run on a local Prefect server, DVC recording every stage.
-# Ends with the path of the run's HTML report; leaves the server up for the UI.
+# The server and the deployment runner start first, so the UI shows the deployments
+# and validate-nightly/local's schedule. The four runs are runs of those deployments'
+# flows, run here in the terminal (not through the runner) so that the dataset
+# report and the report's path are printed here.
+# Ends with the path of the run's HTML report; leaves the server and runner up (make stop).
 demo: venv
 	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4
 	@$(BIN)/python -m tasks.profile tiny
-	@$(MAKE) --no-print-directory server
+	@$(MAKE) --no-print-directory serve
 	@$(BIN)/python -m flows.build_dataset --report
 	@$(BIN)/python -m flows.train --skip-dataset
 	@$(BIN)/python -m flows.train --skip-dataset --trainer sdxl

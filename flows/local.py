@@ -6,7 +6,8 @@
     python -m flows.local stop       # runner first (SIGINT), then the server
 
 Both run in the background with their pid and log in .niche/; the Makefile
-targets `server`, `serve`, `status` and `stop` call this.
+targets `server`, `serve`, `status` and `stop` call this (`make demo` starts both,
+so the UI shows the deployments and the nightly schedule).
 """
 from __future__ import annotations
 
@@ -22,18 +23,69 @@ import urllib.request
 from pathlib import Path
 
 STATE = Path(".niche")
+# What flows.serve creates (tests/test_local.py checks the two agree); read from the API here,
+# without importing the flows (torch, DVC) into this small command.
+DEPLOYMENTS = ("build-dataset/local", "train/local", "train/sdxl", "validate/local", "validate-nightly/local")
+NIGHTLY = "validate-nightly/local"
 
 
 def _api() -> str:
     return os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").rstrip("/")
 
 
-def _get(path: str, timeout: float = 2.0):
+def _get(path: str, timeout: float = 2.0, body: dict | None = None):
+    """GET path (POST body as JSON when given) from the API; None when it does not answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(_api() + path, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(_api() + path, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read() or b"null")
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+def _deployment(name: str) -> dict | None:
+    d = _get(f"/deployments/name/{name}")
+    return d if isinstance(d, dict) and d.get("id") else None
+
+
+def _served(d: dict | None) -> bool:
+    """Created, not paused and polled by a runner (Prefect's READY)."""
+    return d is not None and d.get("paused") is False and d.get("status") == "READY"
+
+
+def _schedules(d: dict) -> list[str]:
+    """The active schedules of a deployment, as text: `cron 0 2 * * * (UTC)`."""
+    out = []
+    for s in d.get("schedules") or []:
+        sch = s.get("schedule") or {}
+        if s.get("active") and sch.get("cron"):
+            out.append(f"cron {sch['cron']} ({sch.get('timezone') or 'UTC'})")
+    return out
+
+
+def _next_run(d: dict) -> str | None:
+    """The expected start of the deployment's next scheduled run, if the server made one yet."""
+    runs = _get("/flow_runs/filter", body={
+        "flow_runs": {"deployment_id": {"any_": [d["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}},
+        "sort": "EXPECTED_START_TIME_ASC", "limit": 1})
+    if isinstance(runs, list) and runs and runs[0].get("expected_start_time"):
+        return runs[0]["expected_start_time"].replace("T", " ")[:16] + " UTC"
+    return None
+
+
+def _describe_deployments() -> None:
+    """One line per deployment: served or paused, and its schedule."""
+    for name in DEPLOYMENTS:
+        d = _deployment(name)
+        if d is None:
+            print(f"  {name}: not created (make serve creates it)")
+            continue
+        state = "paused" if d.get("paused") else ("ready" if d.get("status") == "READY" else "not polled")
+        sched = _schedules(d)
+        nxt = _next_run(d) if sched and not d.get("paused") else None
+        print(f"  {name}: {state}" + (f", {', '.join(sched)}" if sched else "")
+              + (f", next run {nxt}" if nxt else ""))
 
 
 def _alive(name: str) -> int | None:
@@ -95,13 +147,15 @@ def serve() -> None:
         return
 
     def ready() -> bool:
-        d = _get("/deployments/name/build-dataset/local")
-        return isinstance(d, dict) and d.get("paused") is False and d.get("status") == "READY"
+        ds = [_deployment(n) for n in DEPLOYMENTS]
+        return all(_served(d) for d in ds) and bool(_schedules(ds[DEPLOYMENTS.index(NIGHTLY)]))
 
+    t0 = time.monotonic()
     _spawn("serve", [sys.executable, "-m", "flows.serve"])
-    _wait("deployment build-dataset/local is ready", ready, 120, "serve")
-    print("deployment runner up: `prefect deployment run build-dataset/local` "
-          f"(log {STATE / 'serve.log'})")
+    _wait(f"the deployments ({', '.join(DEPLOYMENTS)}) are ready", ready, 180, "serve")
+    print(f"deployment runner up in {time.monotonic() - t0:.1f}s (log {STATE / 'serve.log'}); "
+          f"deployments, e.g. `prefect deployment run build-dataset/local --watch`:")
+    _describe_deployments()
 
 
 def _stop(name: str, grace: float) -> None:
@@ -128,8 +182,10 @@ def stop() -> None:
 
 def status() -> None:
     up = _get("/health") is True
-    print(f"server: {'up at ' + _api() if up else 'down'}; "
+    print(f"server: {'up, UI ' + _api().removesuffix('/api') if up else 'down'}; "
           f"deployment runner: {'up' if _alive('serve') else 'down'}")
+    if up:
+        _describe_deployments()
 
 
 def main(argv: list[str] | None = None) -> None:
