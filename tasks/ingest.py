@@ -11,6 +11,16 @@ a file (full decode, conversion check) is the slow part, so its result is kept
 in the per-sample store under the content id; adding 10 images to 10,000
 decodes 10.
 
+Nothing in a source folder stops the stage: an entry that is not a readable
+regular file is listed with its reason instead of opened (tasks/core/rawfs.py
+says which, for ingest and for DVC alike): a dangling symlink (broken_symlink),
+a loop of symlinks (symlink_loop), a FIFO, socket or device (not_a_file), a name
+that is not UTF-8 (name_not_utf8, listed with its bytes as \\xNN), a file or
+folder that cannot be read or listed (unreadable), a file gone between the
+listing and the reading (vanished) or rewritten meanwhile (changed). Files are
+opened non-blocking and checked with fstat, so one swapped for a FIFO after the
+listing cannot hang the stage either.
+
     python -m tasks.ingest            # reads params.yaml:ingest
 """
 from __future__ import annotations
@@ -24,16 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.hub import SetupError
-from tasks.core import manifest
+from tasks.core import manifest, rawfs
 from tasks.core.images import ImageRejected, decode
 from tasks.core.runner import run_items
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import Store, item_key, sha256_file
+from tasks.core.store import Store, item_key
 
 log = logging.getLogger("niche.ingest")
 
 VERSION = 1  # bump when the probe's output changes meaning
 STORE = Path("data/derived/ingest")
+# Reasons of entries DVC cannot hash unless rawfs's walk is installed.
+_NOT_FILES = {rawfs.BROKEN_SYMLINK, rawfs.SYMLINK_LOOP, rawfs.NOT_A_FILE, rawfs.NAME_NOT_UTF8, rawfs.UNREADABLE}
 
 
 @dataclass(frozen=True)
@@ -81,18 +93,36 @@ class IngestParams:
 
 
 def _walk(root: Path, ignore: tuple[str, ...]):
-    """Yield every file (and symlinked folder) under `root`, in sorted order."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        d = Path(dirpath)
-        # Symlinked folders are not descended (cycles, escapes); they are checked
-        # like symlinked files so one pointing outside is reported.
-        for name in sorted(filenames + [n for n in dirnames if (d / n).is_symlink()]):
+    """Yield (path, kind, detail) for every entry under `root` not ignored, in sorted order.
+
+    kind is rawfs.FILE, rawfs.DIR (only for symlinked folders: they are not descended,
+    against cycles and escapes, but checked like symlinked files so one pointing outside
+    is reported) or a reason code from rawfs.classify with its detail. A folder that
+    cannot be listed is yielded as `unreadable`; one whose name is not UTF-8 as
+    `name_not_utf8`, not descended (nothing under it could be named in the manifest).
+    """
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                names = sorted(e.name for e in it)
+        except OSError as e:
+            yield folder, rawfs.UNREADABLE, f"cannot list the folder: {e.strerror}; nothing in it is read"
+            continue
+        subfolders = []
+        for name in names:
             if any(fnmatch.fnmatch(name, pat) for pat in ignore):
                 continue
-            yield d / name
-        dirnames[:] = [n for n in dirnames if not (d / n).is_symlink()
-                       and not any(fnmatch.fnmatch(n, pat) for pat in ignore)]
+            path = folder / name
+            kind, detail = rawfs.classify(path)
+            if kind == rawfs.DIR and not path.is_symlink():
+                subfolders.append(path)
+                continue
+            if kind == rawfs.NAME_NOT_UTF8 and os.path.isdir(path) and not path.is_symlink():
+                detail = "a folder whose name is not valid UTF-8: nothing in it is read; rename it"
+            yield path, kind, detail
+        stack.extend(reversed(subfolders))
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -116,6 +146,10 @@ def _rejected_folders(p: IngestParams, real_roots: list[Path]) -> tuple[list[Pat
                 "ingest.rejected[%d]: %s does not exist; no rejects from it", i, f)
             continue
         if not f.is_dir():
+            if _inside(_abs(f), [_abs(r) for r in p.sources]):
+                # An entry of the data, not a setting: the walk lists it like any other.
+                log.warning("ingest.rejected[%d]: %s is not a folder; no rejects from it", i, f)
+                continue
             raise SetupError(f"ingest.rejected[{i}]: {f} is not a folder")
         folders.append(f)
         if not _inside(f.resolve(), real_roots + [o.resolve() for o in outside]):
@@ -131,7 +165,11 @@ def read_rejected_list(path: str) -> list[str]:
         # SetupError: the command stops with this line alone (a person fixes the path).
         raise SetupError(f"ingest.rejected_list: {f} is not a file (a list of rejected paths, "
                          "one per line, relative to the repo root)")
-    lines = (line.strip() for line in f.read_text(encoding="utf-8").splitlines())
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SetupError(f"ingest.rejected_list: {f} is not UTF-8 text ({e})") from None
+    lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -167,22 +205,22 @@ def scan(p: IngestParams) -> tuple[list[dict], list[dict]]:
     skip = _abs(p.rejected_list) if p.rejected_list is not None else None
     candidates, bad, captions = [], [], {}
     for root in roots + outside:
-        for path in _walk(root, p.ignore):
+        for path, kind, detail in _walk(root, p.ignore):
             if skip is not None and _abs(path) == skip:
                 continue
-            rel = path.as_posix()
+            rel = rawfs.display(path.as_posix())  # a name that is not UTF-8 shows its bytes as \xNN
             if path.is_symlink():
-                target = path.resolve()
+                # realpath, not resolve(): it never raises, not even on a loop.
+                target = Path(os.path.realpath(path))
                 if not _inside(target, real_roots):
-                    bad.append(dict(path=rel, reason="symlink_outside",
-                                    detail=f"symlink to {target}, outside the source folders", id=None))
+                    bad.append(dict(path=rel, reason="symlink_outside", id=None,
+                                    detail=f"symlink to {rawfs.display(target)}, outside the source folders"))
                     continue
-                if not target.exists():
-                    bad.append(dict(path=rel, reason="broken_symlink",
-                                    detail=f"symlink to missing {target}", id=None))
-                    continue
-                if target.is_dir():
+                if kind == rawfs.DIR:
                     continue  # its files are walked through their real folder
+            if kind != rawfs.FILE:
+                bad.append(dict(path=rel, reason=kind, detail=detail, id=None))
+                continue
             if path.suffix.lower() == p.caption_ext.lower():
                 captions[(path.parent, path.stem)] = path
                 continue
@@ -201,13 +239,41 @@ def scan(p: IngestParams) -> tuple[list[dict], list[dict]]:
     return candidates, bad
 
 
+def _read(path: Path) -> bytes:
+    """The bytes of a regular file; ImageRejected with a rawfs reason when it is not one
+    (any more), cannot be read, or went away since it was listed."""
+    try:
+        with rawfs.open_regular(path) as f:
+            return f.read()
+    except rawfs.Unusable as e:
+        raise ImageRejected(e.code, e.detail) from None
+    except OSError as e:
+        raise ImageRejected(rawfs.UNREADABLE, f"cannot read it: {e}") from None
+
+
+def _content_id(path: Path) -> tuple[str, int]:
+    """(sha256, size) of a regular file, read once through one descriptor."""
+    try:
+        with rawfs.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ImageRejected("empty", "zero-byte file")
+            return hashlib.file_digest(f, "sha256").hexdigest(), size
+    except rawfs.Unusable as e:
+        raise ImageRejected(e.code, e.detail) from None
+    except OSError as e:
+        raise ImageRejected(rawfs.UNREADABLE, f"cannot read it: {e}") from None
+
+
 def _read_caption(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = _read(path)
+    except ImageRejected as e:
+        raise ImageRejected(e.code, f"caption: {e.detail}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ImageRejected("caption_not_utf8", f"caption is not valid UTF-8 ({e})") from None
-    except OSError as e:
-        raise ImageRejected("unreadable", f"cannot read caption: {e}") from None
     return text.removeprefix("\ufeff").strip()
 
 
@@ -229,40 +295,58 @@ def _holdout(ids: list[str], p: IngestParams) -> set[str]:
 def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Path = STORE,
            workers: int | None = None) -> Report:
     candidates, quarantine = scan(p)
+    odd = sorted({q["reason"] for q in quarantine} & _NOT_FILES)
+    if odd and not rawfs.active():
+        log.warning("ingest: entries that are not readable regular files (%s) are listed, but the "
+                    "DVC of this environment does not skip them: `dvc repro` can fail or hang on them. "
+                    "Run `make venv` (or `python -m tasks.core.rawfs install`)", ", ".join(odd))
     store = Store(store_dir, ".json")
     # min_side is applied to the recorded size below, so changing it re-probes nothing.
     probe_params = {"max_pixels": p.max_pixels}
 
-    # Hash every candidate; an unreadable or empty file is quarantined here.
+    # Hash every candidate; an unreadable, empty or vanished file is quarantined here.
     by_path = {}
     for c in candidates:
         try:
-            size = c["file"].stat().st_size
-            if size == 0:
-                raise ImageRejected("empty", "zero-byte file")
-            c["id"], c["bytes"] = sha256_file(c["file"]), size
-            c["key"] = item_key("ingest", VERSION, [c["id"]], probe_params)
-            by_path[c["path"]] = c
+            c["id"], c["bytes"] = _content_id(c["file"])
         except ImageRejected as e:
             quarantine.append(dict(path=c["path"], reason=e.code, detail=e.detail, id=None))
-        except OSError as e:
-            quarantine.append(dict(path=c["path"], reason="unreadable", detail=str(e), id=None))
+            continue
+        c["key"] = item_key("ingest", VERSION, [c["id"]], probe_params)
+        by_path[c["path"]] = c
+
+    # The same bytes under two names are probed once, through the first name that reads.
+    names: dict[str, list[str]] = {}
+    for c in sorted(by_path.values(), key=lambda c: c["path"]):
+        names.setdefault(c["key"], []).append(c["path"])
+    # Names that went away or changed between the hashing and the probe: never recorded in
+    # the store (it holds what the bytes of an id are, not what happened to one name).
+    lost: dict[str, tuple[str, str]] = {}
 
     def probe(path: str, key: str) -> None:
-        c = by_path[path]
-        try:
-            d = decode(c["file"].read_bytes(), p.max_pixels)
-            rec = dict(ok=True, format=d.format, mode=d.mode, orientation=d.orientation,
-                       width=d.image.width, height=d.image.height)
-        except ImageRejected as e:
-            rec = dict(ok=False, reason=e.code, detail=e.detail)
-        store.write(key, lambda t: t.write_text(json.dumps(rec, sort_keys=True)))
+        for name in names[key]:
+            c = by_path[name]
+            try:
+                data = _read(c["file"])
+            except ImageRejected as e:
+                lost[name] = (e.code, e.detail)
+                continue
+            if hashlib.sha256(data).hexdigest() != c["id"]:
+                lost[name] = ("changed", "its bytes changed while ingest read it; run ingest again")
+                continue
+            try:
+                d = decode(data, p.max_pixels)
+                rec = dict(ok=True, format=d.format, mode=d.mode, orientation=d.orientation,
+                           width=d.image.width, height=d.image.height)
+            except ImageRejected as e:
+                rec = dict(ok=False, reason=e.code, detail=e.detail)
+            store.write(key, lambda t: t.write_text(json.dumps(rec, sort_keys=True)))
+            return
 
-    # The same bytes under two names are probed once.
-    first = {}
-    for c in sorted(by_path.values(), key=lambda c: c["path"]):
-        first.setdefault(c["key"], c["path"])
-    report = run_items("ingest", [(path, key) for key, path in first.items()], store, probe, workers)
+    report = run_items("ingest", [(paths[0], key) for key, paths in names.items()], store, probe, workers)
+    for name, (code, detail) in sorted(lost.items()):
+        quarantine.append(dict(path=name, reason=code, detail=detail, id=None))
+        del by_path[name]
 
     # Group identical content; the first path in sorted order is the sample,
     # the first approved one when the same bytes are also approved: the curator
@@ -274,8 +358,9 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
     for cid, group in groups.items():
         c, dups = group[0], group[1:]
         rejected_too = [d["path"] for d in dups if d["rejected"] and not c["rejected"]]
-        if c["path"] in report.failures:  # the probe itself crashed on this file
-            rec = dict(ok=False, reason="probe_error", detail=report.failures[c["path"]])
+        probed = names[c["key"]][0]
+        if probed in report.failures:  # the probe itself crashed on these bytes
+            rec = dict(ok=False, reason="probe_error", detail=report.failures[probed])
         else:
             rec = json.loads(store.read_bytes(c["key"]))
         if rec["ok"] and min(rec["width"], rec["height"]) < p.min_side:

@@ -2,12 +2,29 @@
 (test_ingest, test_rawfs, test_ingest_dvc): each with the quarantine reason ingest must give it."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import socket
 from pathlib import Path
 
 from PIL import Image
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20):
+    """Fail instead of hanging (a FIFO opened by mistake blocks for ever). Main thread only."""
+    def fail(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def png(color: tuple[int, int, int] = (40, 90, 160), size: tuple[int, int] = (640, 576)) -> bytes:

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 from tasks.ingest import IngestParams, ingest
 from tasks.sample.__main__ import make_sample
 from tasks.sample.particles import write_particle_dataset
+from tests.rawkit import make_odd_entries, no_hang, png
 
 M = Path("data/manifest")
 
@@ -102,3 +104,92 @@ def test_metrics_json_holds_the_counts(dataset):
 def test_missing_source_folder_is_named(chdir):
     with pytest.raises(FileNotFoundError, match="data/elsewhere"):
         ingest(IngestParams(sources=("data/elsewhere",)))
+
+
+# --- Nothing in data/raw stops the stage (see tasks/core/rawfs.py) ---------------------------
+
+@pytest.fixture
+def odd_raw(chdir):
+    """Two figures, and every entry that is not a readable regular file (tests/rawkit.py)."""
+    write_particle_dataset(Path("data/raw/figures"), 2, seed=0)
+    return make_odd_entries(Path("data/raw/odd"))
+
+
+def test_entries_that_are_not_files_are_listed_with_their_reason_never_opened(odd_raw):
+    os.mkfifo("data/raw/rejected")  # even where the rejected folder should be: data, not a setting
+    with no_hang(60):
+        report = ingest(IngestParams(), workers=2)
+    quarantine = {r["path"]: r for r in _rows("quarantine")}
+    assert {p: r["reason"] for p, r in quarantine.items()} == {**odd_raw, "data/raw/rejected": "not_a_file"}
+    assert all(r["detail"] for r in quarantine.values())
+    assert "symlink to pipe.png" in quarantine["data/raw/odd/via_pipe.png"]["detail"]
+    rows = {r["path"]: r for r in _rows("ingest")}
+    # The image beside a FIFO caption is kept, without a caption; the link to its own folder adds nothing.
+    assert len(rows) == 3 and "data/raw/odd/with_pipe_caption.png" in rows
+    assert rows["data/raw/odd/with_pipe_caption.png"]["caption"] is None
+    assert report.extra["quarantined"] == len(odd_raw) + 1
+
+
+def test_a_folder_that_cannot_be_listed_is_quarantined_unreadable(chdir, monkeypatch, request):
+    write_particle_dataset(Path("data/raw/figures"), 1, seed=0)
+    locked = Path("data/raw/locked")
+    locked.mkdir()
+    (locked / "a.png").write_bytes(png())
+    if os.geteuid() != 0:
+        locked.chmod(0)
+        request.addfinalizer(lambda: locked.chmod(0o755))
+    else:  # root lists any folder: the permission error is simulated
+        real = os.scandir
+
+        def scandir(path="."):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    ingest(IngestParams(), workers=2)
+    quarantine = {r["path"]: r for r in _rows("quarantine")}
+    assert quarantine["data/raw/locked"]["reason"] == "unreadable"
+    assert "Permission denied" in quarantine["data/raw/locked"]["detail"]
+    assert len(_rows("ingest")) == 1
+
+
+def test_files_that_vanish_or_change_while_ingest_reads_them_are_listed(chdir, monkeypatch):
+    import tasks.ingest as stage
+
+    raw = Path("data/raw")
+    raw.mkdir(parents=True)
+    for name, color in [("a.png", 1), ("b_same_as_a.png", 1), ("c.png", 2), ("d.png", 3),
+                        ("gone_after_listing.png", 4), ("pipe_after_listing.png", 5)]:
+        (raw / name).write_bytes(png((color * 40, 0, 0)))
+    real_scan, real_id = stage.scan, stage._content_id
+
+    def scan(p):
+        out = real_scan(p)
+        (raw / "gone_after_listing.png").unlink()       # listed, then gone before it is hashed
+        (raw / "pipe_after_listing.png").unlink()       # listed, then swapped for a FIFO: no hang
+        os.mkfifo(raw / "pipe_after_listing.png")
+        return out
+
+    def content_id(path):
+        out = real_id(path)
+        if path.name == "a.png":                       # hashed, then gone before the probe reads it
+            path.unlink()
+        if path.name == "c.png":                       # hashed, then rewritten before the probe
+            path.write_bytes(png((0, 250, 0)))
+        return out
+
+    with monkeypatch.context() as m, no_hang(60):  # (monkeypatch.undo() would undo the chdir too)
+        m.setattr(stage, "scan", scan)
+        m.setattr(stage, "_content_id", content_id)
+        ingest(IngestParams(), workers=2)
+    assert {r["path"]: r["reason"] for r in _rows("quarantine")} == {
+        "data/raw/gone_after_listing.png": "vanished", "data/raw/pipe_after_listing.png": "not_a_file",
+        "data/raw/a.png": "vanished", "data/raw/c.png": "changed"}
+    rows = {r["path"]: r for r in _rows("ingest")}
+    # a's bytes live on under b's name; c's old bytes were never recorded in the store.
+    assert set(rows) == {"data/raw/b_same_as_a.png", "data/raw/d.png"}
+    assert rows["data/raw/b_same_as_a.png"]["duplicates"] == []
+    assert Path.cwd() == chdir
+    ingest(IngestParams(), workers=2)
+    assert {r["path"] for r in _rows("ingest")} == {"data/raw/b_same_as_a.png", "data/raw/c.png", "data/raw/d.png"}

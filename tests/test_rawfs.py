@@ -2,9 +2,7 @@
 the rest — installed into every process of this venv by its .pth (make venv)."""
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core import rawfs
-from tests.rawkit import make_odd_entries, png
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 20):
-    """Fail instead of hanging (a FIFO opened by mistake blocks for ever)."""
-    def fail(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+from tests.rawkit import make_odd_entries, no_hang, png
 
 
 @pytest.fixture
