@@ -69,7 +69,6 @@ def test_dvc_repro_and_status_complete_with_every_odd_entry_in_raw(raw_repo):
     # DVC hashed exactly the readable regular files: 3 x (image, caption, pose) + that image.
     assert raw_dep(root)["nfiles"] == 10
     assert UP_TO_DATE in dvc(root, "status", "ingest")
-    assert not repro_ingest(root)
 
 
 def test_dvc_reruns_ingest_when_anything_under_raw_changes(raw_repo):
