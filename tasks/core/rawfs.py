@@ -26,12 +26,16 @@ a folder, or why it is neither (a stable reason code) — and both sides apply i
 
 The wrap is loaded into every Python process of the virtual environment by a
 `.pth` file (`python -m tasks.core.rawfs install`, which `make venv` runs), so it
-holds for the `dvc` command and for in-process `Repo(...)` calls alike
-(flows/dvc_stage.py also installs it itself). At start-up the `.pth` only arms
-an import hook; DVC's module is patched when DVC itself imports it, and nothing
-else is imported, so other programs of the venv pay nothing. This file is loaded
-by path there (not as `tasks.core.rawfs`, which would import the `tasks` package
-at start-up), so it imports nothing but the standard library.
+holds for the `dvc` command, the stages it runs, and in-process `Repo(...)` calls
+(flows/dvc_stage.py, so the build-dataset flow) alike; `install()` patches a process
+by hand. At start-up the `.pth` only arms an import hook; DVC's module is patched
+when DVC itself imports it, and nothing else is imported, so other programs of the
+venv pay nothing. This file is loaded by path there (not as `tasks.core.rawfs`,
+which would import the `tasks` package at start-up, and a scaffolded repo's own
+`tasks/` must win for `python -m tasks.x`), so it imports nothing but the standard
+library. Without the `.pth` (a venv not made by `make venv`), `python -m
+tasks.core.rawfs check` fails with the command to run, and ingest warns when it
+lists entries that DVC would trip on.
 
 Limits, said once: an entry DVC skips does not count for staleness, so adding or
 removing only a FIFO (or a dangling link, an undecodable name...) does not re-run
