@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dvc.repo import Repo
 
-from tasks.core.stage import LOG_FILE_ENV
+from tasks.core.stage import LOG_FILE_ENV, details_path
 
 # The dataset's stages in DAG order (dvc.yaml): the conditioning stages after the images they read.
 DATASET_STAGES = ("ingest", "bucket", "caption", "embed_text", "embed_image", "embed_pose", "shard")
@@ -97,8 +97,14 @@ def reproduce(stage: str, root: Path, logger) -> bool:
 
 
 def stage_metrics(stage: str, root: Path) -> dict:
-    path = root / "metrics" / f"{stage}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """What a stage's last run reported: its DVC metric metrics/<stage>.json (the counts) and,
+    after them, metrics/<stage>.details.json (the rest: per bucket, per reason...); {} if neither."""
+    out: dict = {}
+    metric = root / "metrics" / f"{stage}.json"
+    for path in (metric, details_path(metric)):
+        if path.is_file():
+            out.update(json.loads(path.read_text()))
+    return out
 
 
 def record_outputs(stage: str, root: Path, logger) -> bool:

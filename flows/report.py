@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from flows.dvc_stage import DATASET_STAGES as STAGES
+from flows.dvc_stage import DATASET_STAGES as STAGES, stage_metrics
 from tasks.core import manifest
 
 
@@ -25,6 +25,7 @@ def print_report(root: Path, state=None) -> None:
             m = json.loads(path.read_text())
             counts.add_row(stage, *(str(m.get(k, "")) for k in ("total", "computed", "reused", "failed", "seconds")))
     con.print(counts)
+    con.print("The rest of a stage's figures: `dvc metrics show metrics/<stage>.details.json`")
 
     ingest = mdir / "ingest.parquet"
     if ingest.is_file():
@@ -91,9 +92,8 @@ def _conditioning(con: Console, root: Path, mdir: Path) -> None:
         found = sum((r["n_people"] or 0) > 0 for r in pose)
         con.print(f"DWPose: a person in {found} of {len(pose)} images, 133 keypoints each "
                   f"→ data/derived/embed_pose/")
-    shard_metrics = root / "metrics" / "shard.json"
-    if shard_metrics.is_file():
-        m = json.loads(shard_metrics.read_text())
+    m = stage_metrics("shard", root)
+    if "shards" in m:
         con.print(f"shards: {m['samples']} samples in {m['shards']['total']} WebDataset tars "
                   f"({m['shards']['written']} written, {m['shards']['unchanged']} unchanged), "
                   f"{m['total_1mp_mb']:.2f} MB per sample at 1 MP (prx-tg format: {m['prx_tg_1mp_mb']:.2f} MB) "

@@ -200,4 +200,5 @@ def test_command_line_writes_metrics(bucketed, tiny):
         "detector": str(tiny[0]), "pose": str(tiny[1]), "device": "cpu"}}))
     main(["--params", "params.yaml", "--workers", "2"])
     metrics = json.loads(Path("metrics/embed_pose.json").read_text())
-    assert (metrics["total"], metrics["computed"], metrics["no_person"]) == (3, 3, 3)
+    details = json.loads(Path("metrics/embed_pose.details.json").read_text())
+    assert (metrics["total"], metrics["computed"], details["no_person"]) == (3, 3, 3)

@@ -149,7 +149,7 @@ def test_bad_items_fail_alone_and_splits_filter(bucketed, vae_dir):
     bad = got[src[3]["id"]]
     assert bad["key"] is None and bad["file"] is None
     assert src[3]["file"] in bad["error"] and "unreadable" in bad["error"]
-    assert report.metrics()["failures"][src[3]["id"]] == bad["error"]
+    assert report.details()["failures"][src[3]["id"]] == bad["error"]
     assert all(got[s["id"]]["error"] is None for s in src[4:])
 
 
@@ -168,8 +168,9 @@ def test_dvc_repro_latents_then_status_is_clean(tiny_repo):
     out = run([str(BIN / "dvc"), "repro", "latents"], tiny_repo).stdout
     assert "Running stage 'latents'" in out
     metrics = json.loads((tiny_repo / "metrics/latents.json").read_text())
+    details = json.loads((tiny_repo / "metrics/latents.details.json").read_text())
     table = pq.read_table(tiny_repo / M / "latents.parquet").to_pylist()
-    assert metrics["computed"] == len(table) > 0 and metrics["failed"] == 0 and metrics["tiny_model"] is True
+    assert metrics["computed"] == len(table) > 0 and metrics["failed"] == 0 and details["tiny_model"] is True
     assert all(r["width"] <= 192 and r["width"] % 64 == 0 and r["height"] % 64 == 0 for r in table)  # 1/8 scale
     assert "up to date" in run([str(BIN / "dvc"), "status", "latents"], tiny_repo).stdout
     again = run([str(BIN / "dvc"), "repro", "latents"], tiny_repo).stdout

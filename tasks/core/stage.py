@@ -1,5 +1,6 @@
 """A stage's command line and what it reports: logging, the Report of counts it writes as
-its DVC metric, and `stage_main` (read the params section, run, write the metrics).
+its DVC metric (and its details beside it), and `stage_main` (read the params section, run,
+write the metrics).
 
 The per-item loop itself is tasks/core/runner.py; how its work is fanned out,
 tasks/core/executors.py.
@@ -11,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -50,9 +50,22 @@ def setup_logging(level: int = logging.INFO) -> None:
             root.addHandler(h)
 
 
+def details_path(metric: Path) -> Path:
+    """metrics/<stage>.json -> metrics/<stage>.details.json: where a stage's wide figures go."""
+    return metric.with_suffix(".details.json")
+
+
 @dataclass
 class Report:
-    """Counts of one stage run; written to metrics/<stage>.json for DVC."""
+    """Counts of one stage run, written for DVC in two files (dvc.yaml declares both):
+
+    metrics/<stage>.json           its DVC metric: total, computed, reused, failed, seconds, the
+                                   same five columns for every stage, so `dvc metrics show` stays
+                                   one narrow table
+    metrics/<stage>.details.json   everything else (`extra`: per-bucket counts, quarantine reasons,
+                                   shard figures... and the rate), a plain non-cached out:
+                                   `dvc metrics show metrics/<stage>.details.json` shows it
+    """
 
     stage: str
     total: int = 0
@@ -64,19 +77,19 @@ class Report:
     extra: dict = field(default_factory=dict)
 
     def metrics(self) -> dict:
+        """The DVC metric: total, computed, reused, failed, seconds."""
+        return {"total": self.total, "computed": self.computed, "reused": self.reused, "failed": self.failed,
+                "seconds": round(self.seconds, 3)}
+
+    def details(self) -> dict:
+        """What the stage reports besides the counts: the rate and its `extra`."""
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
-        return {
-            "total": self.total,
-            "computed": self.computed,
-            "reused": self.reused,
-            "failed": self.failed,
-            "seconds": round(self.seconds, 3),
-            "computed_per_second": round(rate, 2),
-            **self.extra,
-        }
+        return {"computed_per_second": round(rate, 2), **self.extra}
 
     def write(self, metrics_dir: Path = METRICS_DIR) -> Path:
+        """Write the details, then the metric; returns the metric's path."""
         path = metrics_dir / f"{self.stage}.json"
+        atomic_write_json(details_path(path), self.details())
         atomic_write_json(path, self.metrics())
         return path
 
