@@ -1,9 +1,9 @@
 """Serve the deployments: this process creates them on the server and executes
 their runs until stopped.
 
-    python -m flows.serve [--nightly-cron "0 2 * * *"]   # or `make serve` (background, 127.0.0.1)
+    python -m flows.serve [--nightly-cron "0 2 * * *"]   # or `make serve` / `make demo` (background, 127.0.0.1)
 
-Deployments: build-dataset/local, train/local, validate/local and
+Deployments: build-dataset/local, train/local, train/sdxl, validate/local and
 validate-nightly/local (on the cron; $NICHE_NIGHTLY_CRON or --nightly-cron, default
 02:00 every day, the server's time zone UTC). Then e.g. `prefect deployment run
 validate/local`. Stopping it (SIGINT) pauses its deployments, as Prefect's `serve` does.
