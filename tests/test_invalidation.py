@@ -24,7 +24,7 @@ def repro(root: Path) -> dict[str, int]:
 
 
 def shards_written(root: Path) -> int:
-    return json.loads((root / "metrics/shard.json").read_text())["shards"]["written"]
+    return json.loads((root / "metrics/shard.details.json").read_text())["shards"]["written"]
 
 
 def set_params(root: Path, **sections) -> None:
@@ -79,3 +79,33 @@ def test_changing_a_caption_parameter_recomputes_captions_and_t5_only(built):
     ran = repro(built)
     assert set(ran) == {"caption", "embed_text", "shard"} and ran["caption"] == 0, ran
     assert ran["embed_text"] > 0
+
+
+def test_dvc_metrics_show_is_one_narrow_table_of_counts(built):
+    """Every stage's DVC metric holds its counts only, so `dvc metrics show` fits 120 columns; the
+    wide figures (per bucket, per reason, shard sizes) are beside it, shown with the file's path."""
+    from flows.dvc_stage import DATASET_STAGES
+    from tasks.core.stage import Report
+
+    def show(*targets: str) -> list[str]:
+        return run([str(BIN / "dvc"), "metrics", "show", *targets], built).stdout.splitlines()
+
+    lines = show()
+    assert max(map(len, lines)) <= 120, "\n".join(lines)
+    assert lines[0].split() == ["Path", "computed", "failed", "reused", "seconds", "total"]
+    assert {line.split()[0] for line in lines[1:]} >= {f"metrics/{s}.json" for s in DATASET_STAGES}
+    details = show("metrics/shard.details.json", "metrics/ingest.details.json")
+    assert {"shards.written", "total_1mp_mb", "quarantined"} <= set(details[0].split())
+    # The rest of the demo's rows, in the shapes their stages write them (tasks/latents.py through
+    # Report; the trainers' {step, loss}; tasks/validate.py's {step, lpips, comparable}), with
+    # longer numbers than the demo's: still one narrow table.
+    Report("latents", total=1000, computed=1000, seconds=999.5, extra={"per_size": {"64x64": 1000}}).write(
+        built / "metrics")
+    for name, doc in (("train", {"step": 100000, "loss": 0.123456}), ("train_lora", {"step": 2000, "loss": 0.1}),
+                      ("validate", {"step": 100000, "lpips": 0.512345, "comparable": False})):
+        (built / "metrics" / f"{name}.json").write_text(json.dumps(doc))
+    lines = show()
+    assert max(map(len, lines)) <= 120, "\n".join(lines)
+    assert set(lines[0].split()) == {"Path", "total", "computed", "reused", "failed", "seconds", "step", "loss",
+                                     "lpips", "comparable"}
+    assert len(lines) == 1 + len(DATASET_STAGES) + 4
