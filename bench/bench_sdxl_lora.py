@@ -53,7 +53,7 @@ from bench.bench_train import RssPeak, device_info, parse_size, release_memory, 
 from models.sdxl import pipeline as sdxl  # noqa: E402
 from models.sdxl.objective import Objective, time_ids  # noqa: E402
 from tasks.training.run import seeded  # noqa: E402
-from tasks.train_lora import lr_lambda  # noqa: E402
+from tasks.sdxl.trainer import lr_lambda  # noqa: E402
 from tasks.sdxl.params import LoraParams  # noqa: E402
 
 GIB = 2**30

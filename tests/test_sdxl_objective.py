@@ -8,7 +8,7 @@ import torch
 
 from models.sdxl.objective import Objective, offset_noise, time_ids
 from tasks.core.params import from_dict
-from tasks.train_lora import lr_lambda
+from tasks.sdxl.trainer import lr_lambda
 from tasks.sdxl.params import LoraParams
 
 SCHED = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,

@@ -153,3 +153,7 @@ class WrongParams(LoraParams):
     steps: int = 1000
     lr: float = 0.0001
     checkpoint_every: int = 250
+
+
+# The params.yaml sections an SDXL LoRA run is read from.
+SECTIONS = {"train_lora": LoraParams, "train_wrong": WrongParams}
