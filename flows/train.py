@@ -92,10 +92,10 @@ def train_stage(root: str, stage: str = "train") -> dict:
 
 @task(task_run_name="sweep-lora", cache_policy=NO_CACHE, persist_result=False)
 def sweep_lora(root: str) -> str:
-    """The LoRA run's checkpoints x the section's scenes x seeds, in one grid (tasks/sweep.py)."""
-    from tasks.sample_lora import SDXLSampler, negative_for
+    """The LoRA run's checkpoints x the section's scenes x seeds, in one grid (tasks/report/sweep_grid.py)."""
+    from tasks.report.sweep_grid import sweep
+    from tasks.sdxl.sampler import SDXLSampler, negative_for
     from tasks.core.stage import section_or_exit
-    from tasks.sweep import sweep
     from tasks.sdxl.params import LoraParams
 
     p = section_or_exit(LoraParams, "train_lora", str(Path(root) / "params.yaml"))

@@ -163,7 +163,8 @@ def validate_task(root: str, checkpoint: str | None, nightly: bool) -> dict:
         ran = dvc_stage.reproduce("validate", root_p, logger)
         if not ran:
             logger.info("validate: up to date according to DVC; nothing to do")
-        metrics_file = root_p / "metrics" / "validate.json"
+        # The stage's whole summary (its DVC metric, metrics/validate.json, is three columns of it).
+        metrics_file = root_p / "metrics" / "validate.details.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         return {"ran": ran, "metrics": metrics, "run_dir": str(run_dir)}
     with _stage_logs(logger):
@@ -179,8 +180,10 @@ def validate_task(root: str, checkpoint: str | None, nightly: bool) -> dict:
 
 @task(task_run_name="sweep-and-report", cache_policy=NO_CACHE, persist_result=False)
 def sweep_and_report(root: str, run_dir: str) -> dict:
-    from tasks.run_report import write_report
-    from tasks.sweep import CAPTIONS, NanoDiTSampler, seen_captions, sweep
+    from tasks.report.page import write_report
+    from tasks.nanodit.sampler import NanoDiTSampler
+    from tasks.report.sweep_grid import sweep
+    from tasks.sweep import CAPTIONS, seen_captions
 
     logger, run = get_run_logger(), Path(run_dir)
     p = _params(Path(root))

@@ -41,312 +41,22 @@ inputs, seed and device give the same bytes.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from models.hub import SetupError, resolve, torch_dtype
-from tasks.core.params import ParamsError, from_dict
+from models.hub import SetupError
+from tasks.nanodit.conditioning import (META, POSE_JOINTS, Encoded, GenerateError, _f16, bucketed, caption_trigger,
+                                        encode_reference, load_image, pose_from_image, pose_from_json, prompt_text,
+                                        section)
+from tasks.nanodit.sampler import (GUIDANCE_CHOICES, WEIGHTS, NanoDiTSampler, check_size, find_checkpoint,
+                                   parse_guidance, parse_size, read_meta, scaled_size, to_pil, trained_scale)
 
 log = logging.getLogger("niche.generate")
-
-GUIDANCE_CHOICES = ("auto", "none", "cfg", "self", "dual")
-WEIGHTS = ("ema", "model")
-META = "meta.json"
-STEP_DIR = re.compile(r"step-(\d+)$")
-POSE_JOINTS = 133
-
-
-class GenerateError(SetupError):
-    """Something the person running generate fixes: the command stops with the message alone."""
-
-
-# ---------------------------------------------------------------- checkpoint
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or a run folder's (or its checkpoints/ folder's) newest one."""
-    path = Path(path)
-    if not path.exists():
-        raise GenerateError(f"--checkpoint {path}: not found")
-    if (path / META).is_file():
-        return path
-    if not path.is_dir():
-        raise GenerateError(f"--checkpoint {path}: expected a checkpoint folder (with {META}) or a run folder")
-    for folder in (path / "checkpoints", path):
-        steps = [(int(m.group(1)), d) for d in folder.glob("step-*")
-                 if (m := STEP_DIR.match(d.name)) and (d / META).is_file()] if folder.is_dir() else []
-        if steps:
-            return max(steps)[1]
-    raise GenerateError(f"--checkpoint {path}: no {META} here and no checkpoints/step-*/{META} under it; "
-                        "expected a checkpoint folder or a run folder with at least one finished checkpoint")
-
-
-def read_meta(ckpt: Path) -> dict:
-    try:
-        meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"{ckpt / META}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("dataset_params"), dict):
-        raise GenerateError(f"{ckpt / META}: no dataset_params (the params the training data was built with)")
-    return meta
-
-
-def section(meta: dict, name: str, cls: type, ckpt: Path):
-    """dataset_params.<name> of a checkpoint as its stage's typed params."""
-    raw = meta["dataset_params"].get(name)
-    if raw is None:
-        raise GenerateError(f"{ckpt / META}: dataset_params has no '{name}' section, needed here")
-    try:
-        return from_dict(cls, raw, name)
-    except (ParamsError, ValueError) as e:
-        raise GenerateError(f"{ckpt / META}: dataset_params: {e}") from None
-
-
-def caption_trigger(meta: dict) -> str:
-    trigger = (meta["dataset_params"].get("caption") or {}).get("trigger") or ""
-    if not isinstance(trigger, str):
-        raise GenerateError(f"dataset_params.caption.trigger: expected a string, got {trigger!r}")
-    return trigger
-
-
-def prompt_text(prompt: str, trigger: str) -> str:
-    """The prompt as the caption stage would have written it (normalised, trigger in front)."""
-    from tasks.caption import apply_trigger, normalize
-
-    text = normalize(prompt)
-    return apply_trigger(text, trigger) if text else text
-
-
-def _in_context(e: SetupError, ckpt: Path) -> SetupError:
-    """A model error, saying where the model's name came from."""
-    return type(e)(f"{e}\n(named by {ckpt / META}, the model the checkpoint's training data was built with)")
-
-
-# ---------------------------------------------------------------- size
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' → (W, H)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise GenerateError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024")
-    return int(m.group(1)), int(m.group(2))
-
-
-def check_size(size: tuple[int, int], multiple: int, why: str) -> None:
-    w, h = size
-    if w % multiple or h % multiple:
-        raise GenerateError(f"--size {w}x{h}: width and height must be multiples of {multiple} ({why}); "
-                            f"e.g. --size {max(multiple, w // multiple * multiple)}x"
-                            f"{max(multiple, h // multiple * multiple)}")
-
-
-def trained_scale(meta: dict) -> float:
-    """The fraction of the bucket size the checkpoint's last step trained at (train.image_scale
-    times its resolution_schedule factor; 1 when meta.json has no training params)."""
-    params = meta.get("params") or {}
-    scale = float(params.get("image_scale", 1.0))
-    last = int(meta.get("step", 0)) - 1  # the 0-based index of the last step trained
-    for until, factor in params.get("resolution_schedule") or ():
-        if last < until:
-            return scale * float(factor)
-    return scale
-
-
-def scaled_size(bucket: tuple[int, int], scale: float, patch: int) -> tuple[int, int]:
-    """(W, H) of a bucket at `scale`, on the patch grid, rounded as the trainer rounds it."""
-    return tuple(max(patch, round(side * scale / patch) * patch) for side in bucket)  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- inputs
-
-def load_image(path: str | Path, what: str) -> Image.Image:
-    """An image file as upright RGB, decoded as ingest decodes it."""
-    from tasks.core.images import ImageRejected, decode
-    from tasks.ingest import IngestParams
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        return decode(data, IngestParams().max_pixels).image
-    except OSError as e:
-        raise GenerateError(f"{what} {path}: cannot read ({e.strerror or e})") from None
-    except ImageRejected as e:
-        raise GenerateError(f"{what} {path}: not a usable image ({e})") from None
-
-
-def bucketed(img: Image.Image, size: tuple[int, int], resample: str) -> Image.Image:
-    """Resized to cover `size` and centre-cropped, exactly as the bucket stage does."""
-    from tasks.bucket import render
-
-    return render(img, size[0], size[1], resample)
-
-
-def pose_from_json(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """(133, 3) float32 [x_norm, y_norm, conf] relative to a W x H frame, from a .json
-    holding either those rows or a tasks.sample .pose.json (pixels of its own width x height)."""
-    from models.encoders.dwpose_decode import normalised_keypoints
-    from tasks.bucket import cover_crop
-
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"--pose {path}: unreadable ({e})") from None
-    expected = (f"expected {POSE_JOINTS} rows [x_norm, y_norm, conf], or a .pose.json with width, height "
-                f"and {POSE_JOINTS} keypoints [x, y, conf] in pixels")
-    try:
-        if isinstance(doc, dict):
-            kp = np.asarray(doc["keypoints"], dtype=np.float64)
-            width, height = int(doc["width"]), int(doc["height"])
-            if kp.shape != (POSE_JOINTS, 3) or width < 1 or height < 1:
-                raise ValueError
-            scale, left, top = cover_crop(width, height, *size)
-            xy = np.column_stack([(kp[:, 0] - left) * scale, (kp[:, 1] - top) * scale])
-            pose = normalised_keypoints(xy, kp[:, 2], *size).astype(np.float32)
-        else:
-            pose = np.asarray(doc, dtype=np.float32)
-            if pose.shape != (POSE_JOINTS, 3):
-                raise ValueError
-    except (KeyError, TypeError, ValueError):
-        raise GenerateError(f"--pose {path}: {expected}") from None
-    if not np.isfinite(pose).all():
-        raise GenerateError(f"--pose {path}: non-finite values")
-    return pose
-
-
-def parse_guidance(requested: str, sampling: dict, has_reference: bool) -> str:
-    if requested not in GUIDANCE_CHOICES:
-        raise GenerateError(f"--guidance {requested!r}: expected one of {', '.join(GUIDANCE_CHOICES)}")
-    if requested != "auto":
-        if requested == "dual" and not has_reference:
-            raise GenerateError("--guidance dual guides by the reference image (DINOv3) as well as the text: "
-                                "give --reference, or use --guidance cfg")
-        return requested
-    guidance = sampling.get("guidance", "cfg")
-    if guidance == "dual" and not has_reference:
-        log.info("guidance: the checkpoint's default is 'dual', which needs a reference image; "
-                 "without --reference using 'cfg'")
-        return "cfg"
-    return guidance
-
-
-# ---------------------------------------------------------------- generate
-
-@dataclass
-class Encoded:
-    """The conditioning of one image, as arrays in the shards' precision."""
-    t5: np.ndarray                   # (n, text_dim)
-    dino_cls: np.ndarray | None      # (dino_dim,)
-    dino_patches: np.ndarray | None  # (h, w, dino_dim), pooled
-    pose: np.ndarray | None          # (133, 3)
-
-
-def _f16(a: np.ndarray) -> np.ndarray:
-    """Rounded through float16, as the shards store it."""
-    return np.asarray(a).astype(np.float16).astype(np.float32)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise GenerateError(f"--device {device!r}: expected auto, cpu or cuda")
-    return device
-
-
-@functools.lru_cache(maxsize=2)
-def _t5_encoder(path: str, dtype: str, device: str):
-    """One loaded T5 per (model, dtype, device) in a process: validation and sweeps encode
-    dozens of prompts, and loading T5-large takes seconds each time."""
-    import torch
-
-    from models.encoders import t5
-    return t5.T5Encoder(Path(path), getattr(torch, dtype.removeprefix("torch.")), device)
-
-
-def encode_text(meta: dict, ckpt: Path, text: str, device: str) -> np.ndarray:
-    from models.encoders import t5
-    from tasks.embed_text import EmbedTextParams
-
-    p = section(meta, "embed_text", EmbedTextParams, ckpt)
-    try:
-        resolved = resolve(p.model, "embed_text.model", p.revision, allow_patterns=t5.ALLOW_PATTERNS)
-    except SetupError as e:
-        raise _in_context(e, ckpt) from None
-    encoder = _t5_encoder(str(resolved.path), str(torch_dtype(p.dtype, device)), device)
-    (hidden, truncated), = encoder.encode([text], p.max_length)
-    if truncated:
-        log.warning("prompt: longer than embed_text.max_length = %d tokens; cut as training captions were",
-                    p.max_length)
-    return _f16(hidden)
-
-
-def encode_reference(meta: dict, ckpt: Path, img: Image.Image, pool: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """DINOv3 CLS (D,) and patches pooled as the shards hold them (h/pool, w/pool, D)."""
-    from models.encoders import dinov3
-    from tasks.embed_image import PATCH, EmbedImageParams
-    from tasks.shard import ShardParams
-    from tasks.data.shard_format import dequantize, pool_patches, quantize
-
-    p = section(meta, "embed_image", EmbedImageParams, ckpt)
-    try:
-        resolved = resolve(p.model, "embed_image.model", p.revision, allow_patterns=dinov3.ALLOW_PATTERNS)
-    except SetupError as e:
-        raise _in_context(e, ckpt) from None
-    encoder = dinov3.DINOv3Encoder(resolved.path, torch_dtype(p.dtype, device), device)
-    if encoder.patch_size != PATCH:
-        raise GenerateError(f"embed_image.model: patch size {encoder.patch_size}, expected {PATCH}")
-    cls, patches = encoder.encode(np.array(img)[None])
-    pooled = pool_patches(patches[0].astype(np.float16), pool)
-    # As the shards hold them: int8 with per-token scales, or float16 (rounded below).
-    shard = section(meta, "shard", ShardParams, ckpt) if meta["dataset_params"].get("shard") else None
-    if shard is not None and shard.patch_dtype == "int8":
-        pooled = dequantize(*quantize(pooled))
-    return _f16(cls[0]), _f16(pooled)
-
-
-def pose_from_image(meta: dict, ckpt: Path, img: Image.Image, device: str) -> np.ndarray:
-    """(133, 3) keypoints of the largest person in an image already bucketed to the frame."""
-    from models.encoders.dwpose import DWPose, resolve_onnx
-    from tasks.embed_pose import EmbedPoseParams, _item
-
-    p = section(meta, "embed_pose", EmbedPoseParams, ckpt)
-    try:
-        det = resolve_onnx(p.detector, "embed_pose.detector")
-        pose = resolve_onnx(p.pose, "embed_pose.pose")
-        model = DWPose(det.path, pose.path, device="cpu" if device == "cpu" else p.device,
-                       det_score=p.det_score, nms_iou=p.nms_iou, bbox_padding=p.bbox_padding,
-                       param="embed_pose.device")
-    except SetupError as e:
-        raise _in_context(e, ckpt) from None
-    result = model(img)
-    tensors, info = _item(result, img.width, img.height)
-    if result.main < 0:
-        log.warning("--pose: DWPose found nobody in the pose image; using all-zero keypoints "
-                    "(as training samples without a person had)")
-    else:
-        log.info("--pose: %s people found; the largest one's pose (mean confidence %s)",
-                 info["n_people"], info["pose_conf"])
-    return _f16(tensors["pose"])
-
-
-def to_pil(images) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] → RGB images."""
-    import torch
-
-    u8 = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return [Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB") for x in u8]
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -371,8 +81,7 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
     """Sample `batch` images and write them as PNGs; returns their paths (see the module doc)."""
     import torch
 
-    from models.flow_matching import euler_sample
-    from models.nanodit import Conditioning, NanoDiT
+    from models.nanodit import Conditioning
     from tasks.bucket import BucketParams, nearest_bucket
     from tasks.embed_image import PATCH
 
@@ -393,7 +102,8 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
         raise GenerateError(f"{ckpt}: no {weights}/ weights (config.json); try --weights {other}")
     sampling = meta.get("sampling") or {}
     data = meta.get("data") or {}
-    device = resolve_device(device)
+    sampler = NanoDiTSampler(weights=weights, device=device)
+    device = sampler.device
     log.info("checkpoint %s (step %s, %s weights) on %s", ckpt, meta.get("step", "?"), weights, device)
     guidance = parse_guidance(guidance, sampling, reference is not None)
 
@@ -404,7 +114,7 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
     if pose_path is not None and pose_path.suffix.lower() != ".json":
         pose_img = load_image(pose_path, "--pose")
     bucket_p = section(meta, "bucket", BucketParams, ckpt)
-    patch = int(NanoDiT.load_config(weights_dir).get("patch_size", 16))
+    patch = int(json.loads((weights_dir / "config.json").read_text()).get("patch_size", 16))
     if isinstance(size, str):
         size = parse_size(size)
     if size is None:
@@ -433,7 +143,7 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
 
     # Encoders, one at a time, each only when its input was given.
     text = prompt_text(prompt, caption_trigger(meta))
-    enc = Encoded(t5=encode_text(meta, ckpt, text, device), dino_cls=None, dino_patches=None, pose=pose_json)
+    enc = Encoded(t5=sampler.encode(meta, ckpt, text), dino_cls=None, dino_patches=None, pose=pose_json)
     if ref_img is not None:
         enc.dino_cls, enc.dino_patches = encode_reference(
             meta, ckpt, bucketed(ref_img, frame, bucket_p.resample), pool, device)
@@ -442,7 +152,7 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
     if pose_json is not None:
         enc.pose = _f16(pose_json)
 
-    model = NanoDiT.from_pretrained(weights_dir).to(device).eval()
+    meta, model = sampler.load(ckpt)
     text_dim, dino_dim = model.config.text_dim, model.config.dino_dim
     if enc.t5.shape[1] != text_dim:
         raise GenerateError(f"embed_text.model gives {enc.t5.shape[1]}-wide states but the checkpoint "
@@ -470,7 +180,7 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
     log.info("sampling %d image(s) of %dx%d: %s; parts: text%s%s", batch, *size,
              ", ".join(f"{k} {v}" for k, v in settings.items()),
              " + reference" if has_ref else "", " + pose" if has_pose else "")
-    images = euler_sample(model, cond, (size[1], size[0]), **settings)
+    images = sampler.denoise(model, cond, (size[1], size[0]), **settings)
 
     info = dict(settings, prompt=prompt, text=text, checkpoint=str(ckpt), step=meta.get("step"), weights=weights,
                 size=f"{size[0]}x{size[1]}", frame=f"{frame[0]}x{frame[1]}",
@@ -481,8 +191,6 @@ def generate(checkpoint: str | Path, prompt: str, out: str | Path, *, reference:
         log.info("wrote %s", path)
     return paths
 
-
-# ---------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> None:
     from tasks.core.stage import setup_logging

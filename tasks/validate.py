@@ -21,10 +21,14 @@ Written, each file atomically, beside the checkpoints of the run the checkpoint 
                                                every image a check compares, full size
   <run>/validation/history.tsv                 one row per validated step (re-validating
                                                a step replaces its row)
-  metrics/validate.json                        metrics.json without per-image values: the
-                                               DVC stage's metric, written only with
-                                               --dvc-stage (dvc.yaml's cmd) for validate.run
-A back-test or any other run outside DVC never writes metrics/validate.json: it would put
+  metrics/validate.json                        the DVC stage's metric, three narrow columns of
+                                               `dvc metrics show`: step, lpips (the
+                                               reconstruction mean), comparable
+  metrics/validate.details.json                metrics.json without per-image values (`dvc
+                                               metrics show metrics/validate.details.json`)
+                                               Both only with --dvc-stage (dvc.yaml's cmd), for
+                                               validate.run.
+A back-test or any other run outside DVC never writes metrics/validate*.json: it would put
 another step's numbers in the pipeline's metrics.
 Alarms: the reconstruction mean rose by more than alarm_jump since the previous row.
 Flags: a check worse than the run's best earlier step by more than regress_margin (for
@@ -36,8 +40,6 @@ comparable" wherever its numbers appear, the alarms and flags included.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import sys
@@ -48,18 +50,16 @@ from typing import Literal
 
 from models.flow_matching import GUIDANCE
 from models.hub import SetupError
-from tasks.training import checkpoints as train_state
-from tasks.generate import GenerateError, find_checkpoint, read_meta, resolve_device, trained_scale
 from tasks.core.params import as_dict
-from tasks.core.store import atomic_write, atomic_write_json
-from tasks.report.suite import HIGHER_IS_BETTER, IMAGE_ROLES, LPIPS_MIN, TESTS, Sample, stats
+from tasks.core.store import atomic_write_json
+from tasks.nanodit.sampler import (GenerateError, NanoDiTSampler, find_checkpoint, read_meta, resolve_device,
+                                   trained_scale)
+from tasks.report.history import history_row, judge, read_history, summarise, write_history
+from tasks.report.suite import IMAGE_ROLES, LPIPS_MIN, TESTS, Sample
+from tasks.training import checkpoints as train_state
 
 log = logging.getLogger("niche.validate")
-HISTORY_COLUMNS = ("step", "reconstruction_lpips", "dino_swap_lpips", "text_manipulation_lpips",
-                   "cfg_divergence_lpips", "reconstruction_p90", "comparable", "lpips_net")
-VALUE_COLUMNS = HISTORY_COLUMNS[1:6]
 DVC_METRICS = Path("metrics/validate.json")
-NOT_COMPARABLE = " [LPIPS not comparable: random backbone]"
 
 
 class ValidateError(SetupError):
@@ -183,87 +183,14 @@ def open_lpips(p: ValidateParams, root: Path, device: str):
     return metric, {"net": p.lpips_net, "label": label, "comparable": bool(metric.comparable)}
 
 
-# ---------------------------------------------------------------- history
-def read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")), delimiter="\t"):
-        # lpips_net None: a row from before that column, of an unknown net (compared with none).
-        row = {"step": int(r["step"]), "comparable": str(r.get("comparable", "")).lower() == "true",
-               "lpips_net": (r.get("lpips_net") or "").strip() or None}
-        for k in VALUE_COLUMNS:
-            row[k] = float(r[k]) if r.get(k) not in (None, "", "nan") else None
-        rows.append(row)
-    return rows
-
-
-def write_history(path: Path, rows: list[dict]) -> None:
-    out = io.StringIO()
-    w = csv.writer(out, delimiter="\t", lineterminator="\n")
-    w.writerow(HISTORY_COLUMNS)
-    for r in sorted(rows, key=lambda r: r["step"]):
-        w.writerow([r["step"], *("" if r[k] is None else f"{r[k]:.6f}" for k in VALUE_COLUMNS),
-                    "true" if r["comparable"] else "false", r.get("lpips_net") or ""])
-    text = out.getvalue()
-    atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
-
-
-def history_row(step: int, tests: dict, comparable: bool, lpips_net: str) -> dict:
-    row = {"step": step, "comparable": comparable, "lpips_net": lpips_net,
-           "reconstruction_p90": tests["reconstruction"]["p90"]}
-    row.update({f"{t}_lpips": tests[t]["mean"] for t in TESTS})
-    return row
-
-
-def summarise(results: dict) -> dict:
-    """Per check: the statistics, samples skipped, and every image's values."""
-    tests = {}
-    for name, r in results.items():
-        tests[name] = {**stats(r.values.values()), "skipped": r.skipped, "per_image": dict(r.values)}
-        for extra, values in r.extra.items():
-            tests[name][f"per_image_{extra}"] = values
-        if name == "dino_swap":  # the distance to the text source, beside the one to the style source
-            tests[name]["to_text_source"] = stats(r.extra["to_text_source"].values())
-    return tests
-
-
-def judge(row: dict, earlier: list[dict], p: ValidateParams) -> tuple[list[str], list[str]]:
-    """(alarms, flags) of one step against the run's earlier steps of the same LPIPS net and
-    comparability (distances of different nets or backbones are on different scales)."""
-    alarms, flags = [], []
-    earlier = [r for r in earlier if r["step"] < row["step"] and r["comparable"] == row["comparable"]
-               and row["lpips_net"] is not None and r["lpips_net"] == row["lpips_net"]]
-    note = "" if row["comparable"] else NOT_COMPARABLE
-    prev = max(earlier, key=lambda r: r["step"], default=None)
-    cur, before = row["reconstruction_lpips"], prev and prev["reconstruction_lpips"]
-    if cur is not None and before is not None and cur - before > p.alarm_jump:
-        alarms.append(f"reconstruction LPIPS rose from {before:.4f} (step {prev['step']}) to {cur:.4f} "
-                      f"(step {row['step']}): +{cur - before:.4f} > validate.alarm_jump {p.alarm_jump:g}{note}")
-    for test in TESTS:
-        key, value = f"{test}_lpips", row[f"{test}_lpips"]
-        seen = [r for r in earlier if r[key] is not None]
-        if value is None or not seen:
-            continue
-        higher = test in HIGHER_IS_BETTER
-        best = min(seen, key=lambda r: (-r[key] if higher else r[key], r["step"]))  # ties: the earliest
-        gap = best[key] - value if higher else value - best[key]
-        if gap > p.regress_margin:
-            flags.append(f"{key} {value:.4f} is worse than the run's best {best[key]:.4f} (step {best['step']}) "
-                         f"by {gap:.4f} > validate.regress_margin {p.regress_margin:g} "
-                         f"({'higher' if higher else 'lower'} is better){note}")
-    return alarms, flags
-
-
 # ---------------------------------------------------------------- the run
 def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path | None = None,
              skip_validated: bool = False, dvc_stage: bool = False) -> dict:
     """Validate one checkpoint; returns the metrics (see the module doc). dvc_stage: this is the
-    DVC stage (validate.checkpoint, no other checkpoint): also write metrics/validate.json."""
-    from models.nanodit import NanoDiT
-    from tasks.generate import encode_text
-    from tasks.training.live import grid, save_png
+    DVC stage (validate.checkpoint, no other checkpoint): also write metrics/validate.json and
+    metrics/validate.details.json."""
     from tasks.report.suite import Suite
+    from tasks.training.live import grid, save_png
 
     t0, root = time.perf_counter(), Path(root)
     if dvc_stage and checkpoint is not None:
@@ -292,7 +219,9 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
     if not (weights_dir / "config.json").is_file():
         raise ValidateError(f"validate.weights {p.weights}: {ckpt} has no {p.weights}/config.json")
     samples, split = load_samples(p, root)
-    model = NanoDiT.from_pretrained(weights_dir).to(device).eval().requires_grad_(False)
+    bf16 = device == "cuda" and (meta.get("params") or {}).get("precision", "auto") != "fp32"
+    sampler = NanoDiTSampler(weights=p.weights, device=device, bf16=bf16)
+    meta, model = sampler.load(ckpt)
     first = samples[0].batch
     for name, key, have in (("text_dim", "t5", first["t5"].shape[-1]), ("dino_dim", "dino_cls",
                                                                          first["dino_cls"].shape[-1])):
@@ -305,11 +234,10 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
     settings = dict(steps=p.steps, guidance=p.guidance, scale=p.scale,
                     scale_dino=float(sampling.get("scale_dino", 1.5)), route=float(sampling.get("route", 0.5)),
                     shift=float(sampling.get("shift", 1.0)))
-    bf16 = device == "cuda" and (meta.get("params") or {}).get("precision", "auto") != "fp32"
     log.info("validate: %s (step %d, %s weights) on %s; %d %s samples at scale %g; %s", ckpt, step, p.weights,
              device, len(samples), split, scale, ", ".join(f"{k} {v}" for k, v in settings.items()))
-    suite = Suite(model, lpips, samples, scale=scale, device=device, sampling=settings, seed=p.seed,
-                  encode=lambda text: encode_text(meta, ckpt, text, device), edits=p.text_edits, bf16=bf16,
+    suite = Suite(sampler, model, lpips, samples, scale=scale, sampling=settings, seed=p.seed,
+                  encode=lambda text: sampler.encode(meta, ckpt, text), edits=p.text_edits,
                   images_dir=out_dir / "images")
     results = suite.run()
     # An earlier validation of this step on other samples leaves no image of them behind.
@@ -352,7 +280,11 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
         summary = dict(doc, tests={k: {f: v for f, v in t.items() if not f.startswith("per_image")}
                                    for k, t in tests.items()})
         del summary["images"]  # where the step's files are: nothing for the DVC metrics
-        atomic_write_json(root / DVC_METRICS, summary)
+        # The metric is three columns of `dvc metrics show`, beside every stage's counts; the whole
+        # summary (each check's statistics, LPIPS net, sampling, alarms, flags) goes beside it.
+        atomic_write_json(root / DVC_METRICS.with_suffix(".details.json"), summary)
+        atomic_write_json(root / DVC_METRICS, {"step": step, "lpips": tests.get("reconstruction", {}).get("mean"),
+                                               "comparable": bool(lpips_info["comparable"])})
     elif dvc_stage:
         log.info("validate: %s is not runs/%s: %s left as it is", run_dir, p.run, DVC_METRICS)
     else:  # a back-test or the nightly outside DVC: the pipeline's metrics stay its own

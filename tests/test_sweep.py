@@ -14,9 +14,9 @@ from PIL import Image
 
 from models.hub import SetupError
 
-from tasks.sweep import (DEFAULT_PROMPTS, PAD, PROMPT_LINES, NanoDiTSampler, Sampler, SweepError, _font,
-                         _width, default_prompts, layout_path, main, seen_captions, sweep,
-                         wrap)
+from tasks.nanodit.sampler import GenerateError, NanoDiTSampler
+from tasks.report.sweep_grid import PAD, PROMPT_LINES, Sampler, SweepError, _font, _width, layout_path, sweep, wrap
+from tasks.sweep import DEFAULT_PROMPTS, default_prompts, main, seen_captions
 from tests.dit_kit import nudged
 
 WHITE = (255, 255, 255)
@@ -209,16 +209,16 @@ def _cells(path: Path) -> list[np.ndarray]:
 
 
 def test_nanodit_sweep_deterministic_and_negative_changes_it(run_dir, tmp_path, monkeypatch):
-    import tasks.generate
+    import tasks.nanodit.sampler
 
     encoded = []
-    real = tasks.generate.encode_text
+    real = tasks.nanodit.sampler.encode_text
 
     def counting(meta, ckpt, text, device):
         encoded.append(text)
         return real(meta, ckpt, text, device)
 
-    monkeypatch.setattr(tasks.generate, "encode_text", counting)
+    monkeypatch.setattr(tasks.nanodit.sampler, "encode_text", counting)
     prompts = ["a figure dancing", "two figures juggling"]
     a = sweep(NanoDiTSampler(run_dir, device="cpu"), prompts, [0, 1], None, tmp_path / "a" / "sweep.png")
     doc = json.loads(layout_path(a).read_text())
@@ -249,7 +249,7 @@ def test_nanodit_sampler_fixed_size_and_steps(run_dir, tmp_path):
     out = sweep(sampler, ["a figure"], [0], None, tmp_path / "s.png")
     doc = json.loads(layout_path(out).read_text())
     assert doc["sizes"] == [[[64, 64]], [[64, 64]]] and doc["sampler"]["steps"] == 1
-    with pytest.raises(SweepError, match="needs --guidance"):
+    with pytest.raises(GenerateError, match="needs --guidance"):
         sweep(sampler, ["a figure"], [0], "blurry", tmp_path / "t.png")
     with pytest.raises(SetupError, match="multiples of 16"):
         sweep(NanoDiTSampler(run_dir, size="60x64", device="cpu"), ["a"], [0], None, tmp_path / "u.png")
@@ -257,7 +257,7 @@ def test_nanodit_sampler_fixed_size_and_steps(run_dir, tmp_path):
 
 def test_nanodit_sampler_samples_dual_as_cfg(run_dir, tmp_path, caplog):
     """validate.guidance may be dual, which needs a reference image: the text-only sweep uses cfg."""
-    caplog.set_level("INFO", logger="niche.sweep")
+    caplog.set_level("INFO", logger="niche")
     dual = NanoDiTSampler(run_dir, steps=1, guidance="dual", device="cpu")
     assert dual.guidance == "cfg" and dual.describe()["guidance"] == "cfg"
     assert any("guidance dual" in r.getMessage() and "uses cfg" in r.getMessage() for r in caplog.records)
@@ -265,7 +265,7 @@ def test_nanodit_sampler_samples_dual_as_cfg(run_dir, tmp_path, caplog):
     b = sweep(NanoDiTSampler(run_dir, steps=1, guidance="cfg", device="cpu"), ["a figure"], [0], None,
               tmp_path / "cfg.png")
     assert _cells(a)[1].tobytes() == _cells(b)[1].tobytes()
-    with pytest.raises(SweepError, match="--guidance 'strong'"):
+    with pytest.raises(GenerateError, match="--guidance 'strong'"):
         NanoDiTSampler(run_dir, guidance="strong", device="cpu")
 
 

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.core.params import from_dict
-from tasks.train_lora import LoraTrainer, finished
+from tasks.sdxl.checkpoint import finished
+from tasks.sdxl.trainer import LoraTrainer
 from tasks.sdxl.params import LoraParams, WrongParams
 from tests.conftest import make_repo, run
 
@@ -113,7 +114,7 @@ def test_flow_objective_with_chunked_prompts_text_encoder_lora_and_prompt_drop(r
     keys = load_file(root / "runs/sdxl/checkpoints/step-000002/lora/pytorch_lora_weights.safetensors").keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
     # Sampling inverts the objective: a flow-match Euler schedule whose shift changes the image.
-    from tasks.sample_lora import SDXLSampler
+    from tasks.sdxl.sampler import SDXLSampler
     ckpt = root / "runs/sdxl/checkpoints/step-000002"
     images = [SDXLSampler(params(objective="flow", max_chunks=3, ti=False, sample_shift=shift), root=root,
                           device="cpu").sample(ckpt, "a figure dancing", 0, "") for shift in (3.0, 6.0)]
@@ -174,8 +175,8 @@ def test_negative_lora_on_the_rejects_and_a_sweep_that_applies_it(root):
     trainer.fit()
     LoraTrainer(params(steps=4), root=root).fit()
 
-    from tasks.sample_lora import SDXLSampler, negative_for
-    from tasks.sweep import sweep
+    from tasks.report.sweep_grid import sweep
+    from tasks.sdxl.sampler import SDXLSampler, negative_for
 
     p = params(steps=4, negative_lora="runs/sdxl-wrong")
     sampler = SDXLSampler(p, root=root, device="cpu")
@@ -239,7 +240,7 @@ def test_two_abstractions_each_with_their_tokens_and_a_sample_that_uses_both(roo
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["abstractions"] == {"TOK": ["<s0>", "<s1>"], "PRT": ["<s2>", "<s3>"]}
     assert load_file(ckpt / "embeddings.safetensors")["clip_g"].shape == (4, 32)
-    from tasks.sample_lora import SDXLSampler
+    from tasks.sdxl.sampler import SDXLSampler
     sampler = SDXLSampler(p, root=root, device="cpu")
     a = sampler.sample(ckpt, "TOK, a PRT figure", 0, "")
     b = sampler.sample(ckpt, "<s0><s1>, a <s2><s3> figure", 0, "")

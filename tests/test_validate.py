@@ -23,8 +23,8 @@ from PIL import Image
 import tasks.report.suite
 from tasks.core.params import ParamsError, as_dict, from_dict
 from tasks.nanodit.params import TrainParams
-from tasks.validate import (HISTORY_COLUMNS, NOT_COMPARABLE, ValidateError, ValidateParams, judge, main,
-                            read_history, validate, write_history)
+from tasks.report.history import HISTORY_COLUMNS, NOT_COMPARABLE, judge, read_history, write_history
+from tasks.validate import ValidateError, ValidateParams, main, validate
 from tasks.report.suite import IMAGE_ROLES, Sample, edit_caption, partners, stats
 from tests import shardkit
 from tests.conftest import BIN, ROOT
@@ -106,7 +106,10 @@ def test_writes_the_contract_files_labelled_not_comparable_and_is_deterministic(
     assert set(t["text_manipulation"]["per_image_edit"].values()) == {"64x32 -> square"}
     assert t["text_manipulation"]["min"] > 0 and t["cfg_divergence"]["min"] > 0
     assert t["reconstruction"]["min"] <= t["reconstruction"]["p50"] <= t["reconstruction"]["max"]
-    summary = json.loads((root / "metrics/validate.json").read_text())
+    # The DVC metric: three narrow columns of `dvc metrics show`; the whole summary beside it.
+    assert json.loads((root / "metrics/validate.json").read_text()) == {
+        "step": 100, "lpips": t["reconstruction"]["mean"], "comparable": False}
+    summary = json.loads((root / "metrics/validate.details.json").read_text())
     assert summary["lpips"] == doc["lpips"] and summary["step"] == 100
     assert not any(k.startswith("per_image") for v in summary["tests"].values() for k in v)
     assert summary["tests"]["reconstruction"]["mean"] == t["reconstruction"]["mean"]
@@ -153,7 +156,7 @@ def test_backtesting_an_older_step_of_the_active_run_leaves_the_dvc_metric_alone
     m = validate(params(), root, checkpoint="50")  # a back-test of the same run, outside DVC
     assert m["step"] == 50 and (root / "runs/nanodit/validation/step-000050/metrics.json").is_file()
     assert [r["step"] for r in _history(root)] == ["50"]
-    assert metric.read_text() == '{"step": 100}\n'
+    assert metric.read_text() == '{"step": 100}\n' and not (root / "metrics/validate.details.json").exists()
     with pytest.raises(ValidateError, match="--dvc-stage"):  # the stage validates validate.checkpoint only
         validate(params(), root, checkpoint="50", dvc_stage=True)
 
@@ -216,7 +219,7 @@ def test_backtesting_a_checkpoint_of_another_run_touches_none_of_its_checkpoints
     assert (old / "validation/step-000050/metrics.json").is_file()
     assert [r["step"] for r in _history(root, old.name)] == ["50"]
     assert not (root / "runs/nanodit/validation").exists()
-    assert not (root / "metrics/validate.json").exists()  # the DVC metrics stay the pipeline run's
+    assert not list((root / "metrics").glob("validate*.json"))  # the DVC metrics stay the pipeline run's
 
 
 def test_nightly_validates_outside_dvc_while_dvc_is_busy(root):
@@ -234,7 +237,8 @@ def test_nightly_validates_outside_dvc_while_dvc_is_busy(root):
     subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=root, check=True)
     (root / ".dvc/tmp").mkdir(exist_ok=True)
     stage = {"cmd": "python -m tasks.validate --dvc-stage", "deps": ["runs/nanodit/checkpoints", "data/shards"],
-             "params": ["validate"], "outs": [{"runs/nanodit/validation": {"persist": True}}],
+             "params": ["validate"], "outs": [{"runs/nanodit/validation": {"persist": True}},
+                                              {"metrics/validate.details.json": {"cache": False}}],
              "metrics": [{"metrics/validate.json": {"cache": False}}]}
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"validate": stage}}))
     # Its own handler: importing Prefect (flows.validate) reconfigures logging, caplog's handler too.
@@ -252,7 +256,7 @@ def test_nightly_validates_outside_dvc_while_dvc_is_busy(root):
     assert result["ran"] is True and result["run_dir"] == str(root / "runs/nanodit") and "skipped" not in result
     assert result["metrics"]["step"] == 100 and set(result["metrics"]["tests"]) == set(TESTS)
     assert [r["step"] for r in _history(root)] == ["100"]
-    assert not (root / "metrics/validate.json").exists() and not (root / "dvc.lock").exists()
+    assert not list((root / "metrics").glob("validate*.json")) and not (root / "dvc.lock").exists()
     warned = [r.getMessage() for r in lines.buffer if r.levelno == logging.WARNING]
     assert any("DVC is busy" in w and "outside DVC" in w for w in warned)
     # DVC busy: nothing is committed (training's checkpoints are still changing); dvc repro will.

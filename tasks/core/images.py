@@ -15,6 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+# ingest.max_pixels' default: a larger image is a likely decompression bomb.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
 class ImageRejected(Exception):
     """A file that cannot be used; `code` is a stable reason for the quarantine table."""
 

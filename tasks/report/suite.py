@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.flow_matching import euler_sample
 from models.lpips_metric import MIN_SIZE as LPIPS_MIN
 from models.nanodit import Conditioning, NanoDiT
-from tasks.train import to_inputs
+from tasks.nanodit.data import to_inputs
+from tasks.nanodit.sampler import NanoDiTSampler
 from tasks.training.live import save_png, to_uint8
 
 TESTS = ("reconstruction", "dino_swap", "text_manipulation", "cfg_divergence")
@@ -112,12 +112,13 @@ def thumb(images: torch.Tensor) -> np.ndarray:
 class Suite:
     """The checks on `samples` (their images at `scale` of the bucket size, on the patch grid)."""
 
-    def __init__(self, model: NanoDiT, lpips: Callable, samples: list[Sample], *, scale: float, device: str,
-                 sampling: dict, seed: int, encode: Callable[[str], np.ndarray], edits, bf16: bool = False,
+    def __init__(self, sampler: NanoDiTSampler, model: NanoDiT, lpips: Callable, samples: list[Sample], *,
+                 scale: float, sampling: dict, seed: int, encode: Callable[[str], np.ndarray], edits,
                  images_dir: Path | None = None):
-        self.model, self.lpips, self.samples = model, lpips, samples
-        self.scale, self.device, self.sampling, self.seed = scale, torch.device(device), sampling, seed
-        self.encode, self.edits, self.bf16 = encode, edits, bf16
+        """`sampler` (tasks/nanodit/sampler.py) samples every image, on its device and precision."""
+        self.sampler, self.model, self.lpips, self.samples = sampler, model, lpips, samples
+        self.scale, self.device, self.sampling, self.seed = scale, torch.device(sampler.device), sampling, seed
+        self.encode, self.edits = encode, edits
         self.patch = int(model.config.patch_size)
         self.upscaled = 1  # the largest factor distance() enlarged images by
         self.images_dir, self.written = images_dir, set()  # the full-size images saved by this run
@@ -143,8 +144,7 @@ class Suite:
         settings = dict(self.sampling, seed=self.seed + i)
         if guidance is not None:
             settings["guidance"] = guidance
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return euler_sample(self.model, cond, size, **settings).float()
+        return self.sampler.denoise(self.model, cond, size, **settings)
 
     @torch.no_grad()
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> float:
