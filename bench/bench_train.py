@@ -1,5 +1,9 @@
 """Benchmark: training-step throughput of NanoDiT on random inputs and random weights.
 
+Long on purpose: one self-contained script (inputs, the analytic FLOP count and its check
+against torch's FlopCounterMode, the timed loop, the report) that is copied to a GPU box and
+run alone, so a short device lease is not spent chasing imports.
+
     .venv/bin/python bench/bench_train.py [--preset tiny|baseline|production] [--size 1024x1024]
         [--batch 8] [--steps 20] [--warmup 5] [--checkpointing on|off] [--tread 0.5]
         [--repa on|off] [--dtype bf16|fp32] [--optimizer adamw|muon] [--text-len 512]

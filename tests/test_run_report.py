@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.run_report import Series, main, read_series, svg_chart, write_report
+from tasks.report.chart import Series, svg_chart
+from tasks.report.page import write_report
+from tasks.report.run_files import read_series
+from tasks.run_report import main
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", *(shutil.which(n) for n in ("chromium", "chromium-browser")))
                  if p and os.access(p, os.X_OK)), None)
