@@ -1,8 +1,9 @@
 """What a training run shows a person: dvclive metrics, loss spikes, the sample grid.
 
-dvclive writes runs/<run>/live/metrics.json (the latest values: `dvc metrics show`,
-`dvc exp show`) and live/plots/metrics/<name>.tsv (one row per logged step:
-`dvc plots show`). The trainer sets dvclive's step to the optimizer step itself,
+dvclive writes runs/<run>/live/metrics.json (the latest values, a versioned out: `dvc
+metrics show runs/<run>/live/metrics.json`) and live/plots/metrics/<name>.tsv (one row per
+logged step: `dvc plots show`); the stage's DVC metric is the trainer's compact
+metrics/<stage>.json (step, loss). The trainer sets dvclive's step to the optimizer step itself,
 and on resuming from step k first drops the rows after k, so a crash between two
 checkpoints leaves no duplicated or orphaned points.
 """
