@@ -102,10 +102,11 @@ def test_dvc_metrics_show_is_one_narrow_table_of_counts(built):
     Report("latents", total=1000, computed=1000, seconds=999.5, extra={"per_size": {"64x64": 1000}}).write(
         built / "metrics")
     for name, doc in (("train", {"step": 100000, "loss": 0.123456}), ("train_lora", {"step": 2000, "loss": 0.1}),
+                      ("train_wrong", {"step": 0, "loss": None}),  # no rejects: no step, no loss
                       ("validate", {"step": 100000, "lpips": 0.512345, "comparable": False})):
         (built / "metrics" / f"{name}.json").write_text(json.dumps(doc))
     lines = show()
     assert max(map(len, lines)) <= 120, "\n".join(lines)
     assert set(lines[0].split()) == {"Path", "total", "computed", "reused", "failed", "seconds", "step", "loss",
                                      "lpips", "comparable"}
-    assert len(lines) == 1 + len(DATASET_STAGES) + 4
+    assert len(lines) == 1 + len(DATASET_STAGES) + 5  # + latents, train, train_lora, train_wrong, validate
