@@ -51,6 +51,7 @@ from typing import Literal
 from models.flow_matching import GUIDANCE
 from models.hub import SetupError
 from tasks.core.params import as_dict
+from tasks.core.stage import details_path
 from tasks.core.store import atomic_write_json
 from tasks.nanodit.sampler import (GenerateError, NanoDiTSampler, find_checkpoint, read_meta, resolve_device,
                                    trained_scale)
@@ -282,7 +283,7 @@ def validate(p: ValidateParams, root: Path = Path("."), checkpoint: str | Path |
         del summary["images"]  # where the step's files are: nothing for the DVC metrics
         # The metric is three columns of `dvc metrics show`, beside every stage's counts; the whole
         # summary (each check's statistics, LPIPS net, sampling, alarms, flags) goes beside it.
-        atomic_write_json(root / DVC_METRICS.with_suffix(".details.json"), summary)
+        atomic_write_json(details_path(root / DVC_METRICS), summary)
         atomic_write_json(root / DVC_METRICS, {"step": step, "lpips": tests.get("reconstruction", {}).get("mean"),
                                                "comparable": bool(lpips_info["comparable"])})
     elif dvc_stage:
