@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE_TYPE = "hardlink"
 FILES = ["tasks", "models", "profiles", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
 
 
@@ -28,6 +29,9 @@ def scaffold(dst: Path) -> Path:
             shutil.copy2(src, dst / name)
     dvc = str(Path(sys.executable).parent / "dvc")
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"],
+                # Outputs are hardlinks to the cache, not second copies (why only "hardlink":
+                # this checkout's .dvc/config). Committed with the repo, so clones link too.
+                [dvc, "config", "cache.type", CACHE_TYPE],
                 # DVC's state db stays inside the repo, not in a machine-wide folder.
                 [dvc, "config", "--local", "core.site_cache_dir", str(dst / ".dvc" / "site")]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
