@@ -28,7 +28,7 @@ from pathlib import Path
 
 from models.hub import SetupError
 from tasks.core.stage import section_or_exit, setup_logging
-from tasks.core.store import atomic_write_json
+from tasks.core.store import atomic_write, atomic_write_json
 from tasks.sdxl import data as lora_data
 from tasks.sdxl.params import SECTIONS
 from tasks.sdxl.trainer import LoraTrainer
@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(str(e))
         # No rejects is a dataset without a negative LoRA, not a failed pipeline: say so where the
         # checkpoints would be (DVC needs the output) and where a person looks.
-        marker = Path("runs") / p.run / "checkpoints" / "NO_SAMPLES.txt"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{e}\nNo negative LoRA was trained. Put rejected images in data/raw/rejected/ "
-                          "(see README) and run `dvc repro train_wrong`.\n", encoding="utf-8")
+        # A fresh file renamed into place: the note of an earlier run is a hardlink to DVC's cache
+        # object (cache.type hardlink), and writing into it would change the cached version too.
+        note = (f"{e}\nNo negative LoRA was trained. Put rejected images in data/raw/rejected/ "
+                "(see README) and run `dvc repro train_wrong`.\n")
+        atomic_write(Path("runs") / p.run / "checkpoints" / "NO_SAMPLES.txt",
+                     lambda t: t.write_text(note, encoding="utf-8"))
         # The stage's metric too (DVC needs it): no step was taken, there is no loss.
         atomic_write_json(Path("metrics") / f"{args.section}.json", {"step": 0, "loss": None})
         log.warning("%s", e)
