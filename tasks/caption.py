@@ -1,11 +1,17 @@
 """Stage `caption`: a text caption per bucketed image, from Gemma 3
-(transformers), a running Ollama server, or the sidecar .txt files ingest read.
+(transformers), a running Ollama server, OpenAI-compatible servers (vLLM,
+SGLang; several endpoints, with failover), or the sidecar .txt files ingest read.
 
 The store keeps the RAW model output per key (text, whether the model ended on
 its own, token count); the trigger word and whitespace normalisation are applied
 when the manifest is written, so changing `caption.trigger` regenerates nothing.
 A model caption's key is the bucketed image's key + backend + model + instruction
-+ generation settings; a sidecar caption's key is the image id + its text's hash.
++ generation settings (for openai: the served model id, not the endpoints' URLs
+nor the in-flight limit); a sidecar caption's key is the image id + its text's hash.
+
+Long on purpose: four backends share one key scheme, one store format and one
+manifest; their clients live in models/encoders/, and what stays here is how each
+one's answers become stored items.
 
     python -m tasks.caption            # reads params.yaml:caption
 """
@@ -57,7 +63,7 @@ SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class CaptionParams:
-    backend: Literal["transformers", "ollama", "sidecar"] = "transformers"
+    backend: Literal["transformers", "ollama", "openai", "sidecar"] = "transformers"
     instruction: str = DEFAULT_INSTRUCTION
     trigger: str = ""  # e.g. "TOK": captions become "TOK, <caption>"; not part of the key
     # transformers backend
@@ -74,6 +80,11 @@ class CaptionParams:
     # ollama backend
     ollama_host: str = "http://localhost:11434"
     ollama_model: str = "gemma3:27b"
+    # openai backend (vLLM, SGLang): the same model behind each endpoint, asked concurrently
+    openai_endpoints: tuple[str, ...] = ("http://127.0.0.1:8000/v1",)
+    openai_model: str = "google/gemma-3-27b-it"  # the served model id: part of the key
+    openai_api_key_env: str = "OPENAI_API_KEY"  # the env var holding the key; unset: "EMPTY"
+    openai_max_in_flight: int = 8  # requests in flight per endpoint
     timeout_s: float = 600.0  # for one caption
     retries: int = 3  # on connection errors and 5xx, with exponential backoff
     backoff_s: float = 1.0
@@ -88,7 +99,7 @@ class CaptionParams:
                              f"newlines (e.g. 'TOK'), got {self.trigger!r}")
         if not self.model:
             raise ValueError("caption.model: expected a hub id or a local folder")
-        for name in ("batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "openai_max_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"caption.{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -101,6 +112,13 @@ class CaptionParams:
             raise ValueError(f"caption.ollama_host: expected an http:// or https:// URL, got {self.ollama_host!r}")
         if not self.ollama_model:
             raise ValueError("caption.ollama_model: expected a model name such as 'gemma3:27b'")
+        urls = self.openai_endpoints
+        if not urls or len(set(urls)) < len(urls) or not all(u.startswith(("http://", "https://")) for u in urls):
+            raise ValueError(f"caption.openai_endpoints: expected distinct http(s):// base URLs such as "
+                             f"http://127.0.0.1:8000/v1, got {list(urls)!r}")
+        if not self.openai_model or not self.openai_api_key_env:
+            raise ValueError("caption.openai_model, caption.openai_api_key_env: expected a served model id "
+                             "(e.g. google/gemma-3-27b-it) and an environment variable's name")
         if self.timeout_s <= 0:
             raise ValueError(f"caption.timeout_s: expected > 0 seconds, got {self.timeout_s}")
         if self.retries < 0 or self.backoff_s < 0:
@@ -269,6 +287,8 @@ def _model_key(p: CaptionParams, resolved) -> str | None:
         # Ollama has no revision to ask for without the server; pin a precise tag
         # (e.g. gemma3:27b-it-qat) when re-pulling a tag could change the weights.
         return f"ollama:{p.ollama_model}"
+    if p.backend == "openai":
+        return f"openai:{p.openai_model}"  # check() makes sure every endpoint serves it
     from models.hub import torch_device, torch_dtype
 
     # bf16 and fp32 give different greedy captions: the dtype actually used is in the key.
@@ -326,6 +346,38 @@ def _backend(p: CaptionParams, store: Store, by_id: dict[str, dict], sidecar: di
             if client.down:
                 raise OllamaUnreachable(client.down + " Captions finished so far are kept; run the stage again.")
         return compute_ollama, p.batch_size, after
+
+    if p.backend == "openai":
+        from models.encoders.openai_chat import ChatPool, EndpointsDown
+
+        pool = ChatPool(p.openai_endpoints, p.openai_model, p.openai_api_key_env, p.timeout_s, p.retries,
+                        p.backoff_s, p.openai_max_in_flight)
+        if needed:
+            pool.check()
+
+        def ask(pair):
+            item_id, key = pair
+            try:
+                data = image_path(item_id).read_bytes()  # already a PNG: sent as it is
+                res = pool.caption(data, p.instruction, p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed)
+            except OSError as e:
+                return item_id, f"cannot read the bucketed image: {e}"
+            except Exception as e:  # noqa: BLE001 — one failed request fails its item; a dead pool: after()
+                return item_id, str(e)
+            if not res.text.strip():
+                return item_id, "empty caption: the model produced no text"
+            _write_item(store, key, res.text, res.ended, res.tokens)  # as it arrives: a failed run keeps it
+            return item_id, None
+
+        def compute_openai(batch):
+            with ThreadPoolExecutor(max_workers=pool.concurrency) as ex:
+                return {i: e for i, e in ex.map(ask, batch) if e is not None}
+
+        def after_openai():
+            if pool.down:
+                raise EndpointsDown(pool.down + " Captions finished so far are kept; run the stage again.")
+        # One batch fills every endpoint's in-flight slots.
+        return compute_openai, pool.concurrency, after_openai
 
     captioner = None
     if needed:
