@@ -103,6 +103,19 @@ def resolve(model: str, param: str, revision: str | None = None,
     return ResolvedModel(model, Path(path), Path(path).name, False)
 
 
+def resolve_here(r: ResolvedModel, param: str, allow_patterns: list[str] | None = None) -> ResolvedModel:
+    """`r` (resolved on the driver) resolved again on this machine — a Ray worker's, which may be
+    another host with its own hub cache — refusing anything but the very same weights."""
+    import socket
+
+    revision = None if r.revision.startswith("local-") else r.revision
+    here = resolve(r.id, param, revision=revision, allow_patterns=allow_patterns)
+    if here.key() != r.key():
+        raise SetupError(f"{param}: on {socket.gethostname()} {r.id!r} is {here.key()}, but the driver "
+                         f"resolved {r.key()}; give every node the same files or revision")
+    return here
+
+
 def mark_tiny(folder: Path, what: str) -> None:
     """Label a folder as a tiny random-weight model, for people and for `resolve`."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,10 @@ A model caption's key is the bucketed image's key + backend + model + instructio
 + generation settings (for openai: the served model id, not the endpoints' URLs
 nor the in-flight limit); a sidecar caption's key is the image id + its text's hash.
 
+Each backend is a Worker (tasks/core/workers.py): Gemma in transformers runs on the
+configured executor — this process, or actors on a Ray cluster —; the servers (Ollama,
+OpenAI-compatible) are their own scale-out and are called from this process.
+
 Long on purpose: four backends share one key scheme, one store format and one
 manifest; their clients live in models/encoders/, and what stays here is how each
 one's answers become stored items.
@@ -20,19 +24,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import pyarrow as pa
 
-from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.runner import run_batches
+from tasks.core import manifest
+from tasks.core.executors import model_executor
+from tasks.core.images import BucketedImage, read_bucketed
+from tasks.core.params import PARAMS_FILE
+from tasks.core.runner import run_model
 from tasks.core.stage import Report, stage_main
 from tasks.core.store import Store, item_key
+from tasks.core.workers import Failed, LocalModels, Result, Worker, check_device
+from tasks.data.caption_text import (FLAG_MAX_TOKENS, FLAG_REPETITION, apply_trigger, caption_flags,  # noqa: F401
+                                     normalize, repetition_coverage)
 
 log = logging.getLogger("niche.caption")
 
@@ -46,8 +55,6 @@ DEFAULT_INSTRUCTION = (
     "the lighting, and the colours and textures. State only what is visible: no interpretation of mood, "
     "meaning or intent, no opinions, and no preamble such as 'This image shows'.")
 
-FLAG_MAX_TOKENS = "max_new_tokens"  # stopped by the limit, not by the model: likely cut off or looping
-FLAG_REPETITION = "repetition"  # one repeated n-gram covers much of the text
 _MAX_LOGGED_FLAGS = 20
 
 SCHEMA = pa.schema([
@@ -128,54 +135,6 @@ class CaptionParams:
                              f"got {self.repetition_threshold}")
 
 
-# ---------------------------------------------------------------- text
-
-def normalize(text: str) -> str:
-    """Collapse every run of whitespace (newlines included) to one space; strip."""
-    return " ".join(text.split())
-
-
-def apply_trigger(text: str, trigger: str) -> str:
-    """'TOK, <text>' — unless the text already starts with the trigger word."""
-    if not trigger or re.match(rf"{re.escape(trigger)}(?!\w)", text):
-        return text
-    return f"{trigger}, {text}"
-
-
-def repetition_coverage(text: str, max_n: int = 8, min_repeats: int = 3, min_words: int = 12) -> float:
-    """Largest share of the words covered by one n-gram (n <= max_n) repeated >= min_repeats times.
-
-    Occurrences are counted without overlap, so 'a a a a' is two of 'a a'. Natural
-    prose stays under ~0.1 (its most frequent word, 'the', alone); a looping
-    generation ('a red dot, a red dot, ...') goes towards 1.
-    """
-    words = re.findall(r"\w+", text.lower())
-    if len(words) < min_words:
-        return 0.0
-    best = 0
-    for n in range(1, max_n + 1):
-        counts: dict[tuple[str, ...], int] = {}
-        free_from: dict[tuple[str, ...], int] = {}
-        for i in range(len(words) - n + 1):
-            gram = tuple(words[i:i + n])
-            if i >= free_from.get(gram, 0):
-                counts[gram] = counts.get(gram, 0) + 1
-                free_from[gram] = i + n
-        top = max(counts.values(), default=0)
-        if top >= min_repeats:
-            best = max(best, top * n)
-    return best / len(words)
-
-
-def caption_flags(text: str, ended: bool, repetition_threshold: float) -> list[str]:
-    flags = []
-    if not ended:
-        flags.append(FLAG_MAX_TOKENS)
-    if repetition_coverage(text) >= repetition_threshold:
-        flags.append(FLAG_REPETITION)
-    return flags
-
-
 # ---------------------------------------------------------------- stage
 
 def _generation_params(p: CaptionParams) -> dict:
@@ -187,26 +146,27 @@ def _generation_params(p: CaptionParams) -> dict:
     return g
 
 
-def _write_item(store: Store, key: str, text: str, ended: bool, tokens: int | None) -> None:
+def _item(text: str, ended: bool, tokens: int | None) -> bytes:
+    """A stored caption: the raw model output, as the store keeps it."""
     doc = {"text": text, "ended": ended, "tokens": tokens}
-    store.write_bytes(key, (json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def _read_image(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return (json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
 
 
 def caption(p: CaptionParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
-            store_dir: Path = STORE, workers: int | None = None) -> Report:
-    # `workers` is not used: the model uses the cores (or the GPU) itself, and
-    # Ollama's concurrency is batch_size, a property of the server.
+            store_dir: Path = STORE, workers: int | None = None, params_file: Path = PARAMS_FILE) -> Report:
+    # `workers` is not used: the model uses the cores (or the GPU) itself, and a server's
+    # concurrency is a property of the server. Where Gemma runs is params.yaml's `executor`.
     samples = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
     # Rejects only train the negative LoRA (fixed prompt): captioning them would waste hours.
     samples = [s for s in samples if s["split"] != "rejected"]
-    store = Store(store_dir, ".json")
+    # Only Gemma in transformers runs on the executor; a server backend is its own scale-out.
+    executor = model_executor(params_file) if p.backend == "transformers" else LocalModels()
+    with executor:
+        return _caption(p, samples, in_dir, out_dir, Store(store_dir, ".json"), executor)
+
+
+def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path, store: Store,
+             executor) -> Report:
     sidecar: dict[str, str | None] = {}
     resolved = None
     if p.backend == "sidecar":
@@ -218,7 +178,7 @@ def caption(p: CaptionParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
         # Resolved (not loaded) on every run: its revision is part of every key.
         resolved = resolve(p.model, "caption.model", revision=p.revision)
     gen = _generation_params(p)
-    model_key = _model_key(p, resolved)
+    model_key = _model_key(p, resolved, executor)
 
     rows, work, failed_before, by_id = [], [], {}, {}
     for s in samples:
@@ -239,10 +199,19 @@ def caption(p: CaptionParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
             by_id[s["id"]] = s
             work.append((s["id"], row["key"]))
 
-    needed = any(not store.has(k) for _, k in work)
-    compute, batch_size, after = _backend(p, store, by_id, sidecar, resolved, needed)
-    report = run_batches("caption", work, store, compute, batch_size)
-    after()  # a server that went away mid-run fails the stage, not just its items
+    def read_image(item_id: str) -> BucketedImage:
+        s = by_id[item_id]
+        return read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"])
+
+    if p.backend == "sidecar":
+        worker, read_input, batch_size = SidecarWorker(), lambda i: sidecar[i].strip(), 256
+    else:
+        worker, batch_size = _worker(p, resolved, executor.device()), p.batch_size
+        read_input = read_image
+        if p.backend == "openai":
+            batch_size = worker.pool.concurrency  # one batch fills every endpoint's in-flight slots
+    report = run_model("caption", work, store, worker, read_input, batch_size, executor=executor)
+    worker.after()  # a server that went away mid-run fails the stage, not just its items
 
     for item_id, err in failed_before.items():
         log.warning("caption: %s failed: %s", item_id, err)
@@ -280,7 +249,7 @@ def _fill_rows(rows: list[dict], store: Store, failures: dict[str, str], p: Capt
             "mean_words": round(sum(words) / len(words), 1) if words else 0.0}
 
 
-def _model_key(p: CaptionParams, resolved) -> str | None:
+def _model_key(p: CaptionParams, resolved, executor) -> str | None:
     if p.backend == "sidecar":
         return None
     if p.backend == "ollama":
@@ -289,122 +258,154 @@ def _model_key(p: CaptionParams, resolved) -> str | None:
         return f"ollama:{p.ollama_model}"
     if p.backend == "openai":
         return f"openai:{p.openai_model}"  # check() makes sure every endpoint serves it
-    from models.hub import torch_device, torch_dtype
-
     # bf16 and fp32 give different greedy captions: the dtype actually used is in the key.
-    dtype = str(torch_dtype(p.dtype, torch_device())).removeprefix("torch.")
-    return f"{resolved.key()}|{dtype}"
+    return f"{resolved.key()}|{_dtype_name(p, executor.device())}"
 
 
-def _backend(p: CaptionParams, store: Store, by_id: dict[str, dict], sidecar: dict[str, str | None],
-             resolved, needed: bool) -> tuple[Callable, int, Callable[[], None]]:
-    """(compute_batch, batch size, after-run check) for the configured backend.
+def _dtype_name(p: CaptionParams, device: str) -> str:
+    from models.hub import torch_dtype
 
-    The model is loaded (or the server checked) only when some key is missing, and
-    before the batch loop, so a failure to load is one clear error, not one per item.
-    """
-    if p.backend == "sidecar":
-        def compute_sidecar(batch):
-            for item_id, key in batch:
-                _write_item(store, key, sidecar[item_id].strip(), True, None)
-        return compute_sidecar, 256, lambda: None
+    return str(torch_dtype(p.dtype, device)).removeprefix("torch.")
 
-    def image_path(item_id: str) -> Path:
-        return BUCKET_STORE / by_id[item_id]["file"]
 
+def _worker(p: CaptionParams, resolved, device: str) -> "CaptionWorker":
+    if p.backend == "transformers":
+        return GemmaWorker(p, resolved, _dtype_name(p, device), device)
     if p.backend == "ollama":
-        from models.encoders.ollama import OllamaClient, OllamaUnreachable
+        return OllamaWorker(p)
+    return OpenAIWorker(p)
 
-        client = OllamaClient(p.ollama_host, p.timeout_s, p.retries, p.backoff_s)
-        if needed:
-            client.check(p.ollama_model)
+
+class CaptionWorker(Worker):
+    """A caption backend's model side; `after()` runs on the driver once the batches are done."""
+
+    def after(self) -> None:
+        pass
+
+
+class SidecarWorker(CaptionWorker):
+    """The .txt beside the image: nothing to compute, but stored like any caption."""
+
+    def run(self, texts: list[str]) -> list[Result]:
+        return [_item(t, True, None) for t in texts]
+
+
+class GemmaWorker(CaptionWorker):
+    """Gemma 3 in transformers, on whichever machine runs it: bucketed PNG bytes in, captions out."""
+
+    def __init__(self, p: CaptionParams, model, dtype: str, device: str):
+        self.p, self.model, self.dtype, self.device = p, model, dtype, device
+        self.captioner = None
+
+    def setup(self) -> str:
+        from models.encoders.gemma import GemmaCaptioner
+        from models.hub import resolve_here
+
+        check_device(self.device)
+        here = resolve_here(self.model, "caption.model")
+        self.captioner = GemmaCaptioner(here.path, self.device, self.dtype)
+        return f"Gemma {self.model.key()}, {self.dtype} on {self.device}"
+
+    def run(self, images: list[BucketedImage]) -> list[Result]:
+        p = self.p
+        out: list[Result] = []
+        pil = []
+        for img in images:
+            try:
+                pil.append(_pil(img))
+                out.append(b"")
+            except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+                out.append(Failed(f"cannot read the bucketed image {img.path}: {e}"))
+        ok = [j for j, r in enumerate(out) if not isinstance(r, Failed)]
+        if ok:
+            gens = self.captioner.caption(pil, p.instruction, p.max_new_tokens, p.temperature, p.top_p, p.top_k,
+                                          p.seed)
+            for j, g in zip(ok, gens):
+                # An empty caption is not stored: the next run tries again (sampling may work).
+                out[j] = _item(g.text, g.ended, g.tokens) if g.text.strip() else Failed(EMPTY)
+        return out
+
+
+def _pil(img: BucketedImage):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(img.data)) as im:
+        return im.convert("RGB")
+
+
+EMPTY = "empty caption: the model produced no text"
+
+
+class OllamaWorker(CaptionWorker):
+    """A running Ollama server; the batch's requests go out together (OLLAMA_NUM_PARALLEL batches
+    them on the server)."""
+
+    def __init__(self, p: CaptionParams):
+        from models.encoders.ollama import OllamaClient
+
+        self.p = p
+        self.client = OllamaClient(p.ollama_host, p.timeout_s, p.retries, p.backoff_s)
+
+    def setup(self) -> str:
+        self.client.check(self.p.ollama_model)
+        return f"Ollama {self.p.ollama_model} at {self.p.ollama_host}"
+
+    def _one(self, img: BucketedImage) -> Result:
+        p = self.p
         options = {"num_predict": p.max_new_tokens, "temperature": p.temperature}
         if p.temperature > 0:
             options.update(top_p=p.top_p, top_k=p.top_k, seed=p.seed)
+        try:
+            res = self.client.generate(p.ollama_model, p.instruction, [img.data], options)
+        except Exception as e:  # noqa: BLE001 — one failed request fails its item
+            return Failed(str(e))
+        return _item(res.text, res.ended, res.tokens) if res.text.strip() else Failed(EMPTY)
 
-        def one(pair):
-            item_id, key = pair
-            try:
-                data = image_path(item_id).read_bytes()
-            except OSError as e:
-                return item_id, f"cannot read the bucketed image: {e}"
-            try:
-                res = client.generate(p.ollama_model, p.instruction, [data], options)
-            except Exception as e:  # noqa: BLE001 — one failed request fails its item
-                return item_id, str(e)
-            if not res.text.strip():
-                return item_id, "empty caption: the model produced no text"
-            _write_item(store, key, res.text, res.ended, res.tokens)
-            return item_id, None
+    def run(self, images: list[BucketedImage]) -> list[Result]:
+        with ThreadPoolExecutor(max_workers=len(images)) as pool:
+            return list(pool.map(self._one, images))
 
-        def compute_ollama(batch):
-            # The server batches concurrent requests itself (OLLAMA_NUM_PARALLEL).
-            with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-                return {i: e for i, e in pool.map(one, batch) if e is not None}
+    def after(self) -> None:
+        from models.encoders.ollama import OllamaUnreachable
 
-        def after():
-            if client.down:
-                raise OllamaUnreachable(client.down + " Captions finished so far are kept; run the stage again.")
-        return compute_ollama, p.batch_size, after
+        if self.client.down:
+            raise OllamaUnreachable(self.client.down + " Captions finished so far are kept; run the stage again.")
 
-    if p.backend == "openai":
-        from models.encoders.openai_chat import ChatPool, EndpointsDown
 
-        pool = ChatPool(p.openai_endpoints, p.openai_model, p.openai_api_key_env, p.timeout_s, p.retries,
-                        p.backoff_s, p.openai_max_in_flight)
-        if needed:
-            pool.check()
+class OpenAIWorker(CaptionWorker):
+    """OpenAI-compatible servers (vLLM, SGLang): a batch fills every endpoint's in-flight slots."""
 
-        def ask(pair):
-            item_id, key = pair
-            try:
-                data = image_path(item_id).read_bytes()  # already a PNG: sent as it is
-                res = pool.caption(data, p.instruction, p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed)
-            except OSError as e:
-                return item_id, f"cannot read the bucketed image: {e}"
-            except Exception as e:  # noqa: BLE001 — one failed request fails its item; a dead pool: after()
-                return item_id, str(e)
-            if not res.text.strip():
-                return item_id, "empty caption: the model produced no text"
-            _write_item(store, key, res.text, res.ended, res.tokens)  # as it arrives: a failed run keeps it
-            return item_id, None
+    def __init__(self, p: CaptionParams):
+        from models.encoders.openai_chat import ChatPool
 
-        def compute_openai(batch):
-            with ThreadPoolExecutor(max_workers=pool.concurrency) as ex:
-                return {i: e for i, e in ex.map(ask, batch) if e is not None}
+        self.p = p
+        self.pool = ChatPool(p.openai_endpoints, p.openai_model, p.openai_api_key_env, p.timeout_s, p.retries,
+                             p.backoff_s, p.openai_max_in_flight)
 
-        def after_openai():
-            if pool.down:
-                raise EndpointsDown(pool.down + " Captions finished so far are kept; run the stage again.")
-        # One batch fills every endpoint's in-flight slots.
-        return compute_openai, pool.concurrency, after_openai
+    def setup(self) -> str:
+        self.pool.check()
+        return f"{self.p.openai_model} on {len(self.p.openai_endpoints)} endpoint(s)"
 
-    captioner = None
-    if needed:
-        from models.encoders.gemma import GemmaCaptioner
-        from models.hub import torch_device
+    def _one(self, img: BucketedImage) -> Result:
+        p = self.p
+        try:  # the bucketed PNG is sent as it is
+            res = self.pool.caption(img.data, p.instruction, p.max_new_tokens, p.temperature, p.top_p, p.top_k,
+                                    p.seed)
+        except Exception as e:  # noqa: BLE001 — one failed request fails its item; a dead pool: after()
+            return Failed(str(e))
+        return _item(res.text, res.ended, res.tokens) if res.text.strip() else Failed(EMPTY)
 
-        captioner = GemmaCaptioner(resolved.path, torch_device(), p.dtype)
+    def run(self, images: list[BucketedImage]) -> list[Result]:
+        with ThreadPoolExecutor(max_workers=self.pool.concurrency) as ex:
+            return list(ex.map(self._one, images))
 
-    def compute_transformers(batch):
-        errors, images, keys = {}, [], []
-        for item_id, key in batch:
-            try:
-                images.append(_read_image(image_path(item_id)))
-                keys.append((item_id, key))
-            except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-                errors[item_id] = f"cannot read the bucketed image: {e}"
-        if images:
-            outs = captioner.caption(images, p.instruction, p.max_new_tokens, p.temperature, p.top_p,
-                                     p.top_k, p.seed)
-            for (item_id, key), g in zip(keys, outs):
-                if g.text.strip():
-                    _write_item(store, key, g.text, g.ended, g.tokens)
-                else:
-                    # Not stored: the next run tries again (with sampling it may work).
-                    errors[item_id] = "empty caption: the model produced no text"
-        return errors
-    return compute_transformers, p.batch_size, lambda: None
+    def after(self) -> None:
+        from models.encoders.openai_chat import EndpointsDown
+
+        if self.pool.down:
+            raise EndpointsDown(self.pool.down + " Captions finished so far are kept; run the stage again.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,16 +16,18 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from models.encoders import dinov3
-from models.hub import resolve, torch_device, torch_dtype
-from tasks.core import manifest
+from models.hub import ResolvedModel, SetupError, resolve, resolve_here, torch_dtype
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.executors import default_workers
-from tasks.core.runner import run_batches, settle_rows
+from tasks.core import manifest
+from tasks.core.executors import default_workers, model_executor
+from tasks.core.images import BucketedImage, decode_bucketed, read_bucketed
+from tasks.core.params import PARAMS_FILE
+from tasks.core.runner import run_model, settle_rows
 from tasks.core.stage import ItemError, Report, stage_main
-from tasks.core.store import Store, item_key, write_tensors
+from tasks.core.store import Store, item_key, tensor_bytes
+from tasks.core.workers import Failed, Result, Worker, check_device
 
 log = logging.getLogger("niche.embed_image")
 
@@ -61,33 +63,66 @@ class EmbedImageParams:
             raise ValueError("embed_image.model: expected a hub id or a local folder")
 
 
-def load_bucketed(path: Path, width: int, height: int) -> np.ndarray:
-    """The bucket stage's PNG as (H, W, 3) uint8, refusing anything but what it wrote."""
-    if not path.is_file():
-        raise ItemError(f"bucketed image {path} is missing; run the bucket stage again")
+class ImageWorker(Worker):
+    """DINOv3 on whichever machine runs it: bucketed PNG bytes in, safetensors bytes out."""
+
+    def __init__(self, model: ResolvedModel, dtype: str, device: str, threads: int):
+        self.model, self.dtype, self.device, self.threads = model, dtype, device, threads
+        self.encoder = None
+
+    def setup(self) -> str:
+        check_device(self.device)
+        here = resolve_here(self.model, "embed_image.model", dinov3.ALLOW_PATTERNS)
+        encoder = dinov3.DINOv3Encoder(here.path, torch_dtype(self.dtype, self.device), self.device)
+        if encoder.patch_size != PATCH:
+            raise SetupError(f"embed_image.model: patch size {encoder.patch_size}, expected {PATCH}")
+        self.encoder = encoder
+        return f"DINOv3 {self.model.key()}, {self.dtype} on {self.device}"
+
+    def run(self, images: list[BucketedImage]) -> list[Result]:
+        # PNG decoding releases the GIL: on a GPU it would otherwise be the bottleneck.
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            decoded = list(pool.map(_decode, images))
+        out: list[Result] = [d if isinstance(d, Failed) else b"" for d in decoded]
+        ok = [j for j, d in enumerate(decoded) if not isinstance(d, Failed)]
+        if not ok:
+            return out
+        cls, patches = self.encoder.encode(np.stack([decoded[j] for j in ok]))  # (B, D), (B, h, w, D)
+        for n, j in enumerate(ok):
+            c16, p16 = cls[n].astype(np.float16), patches[n].astype(np.float16)
+            if not (np.isfinite(c16).all() and np.isfinite(p16).all()):
+                out[j] = Failed("non-finite features (out of float16 range)")
+                continue
+            bucket = f"{images[j].width}x{images[j].height}"
+            out[j] = tensor_bytes({"cls": c16, "patches": p16},
+                                  {"model": self.model.key(), "dtype": self.dtype, "bucket": bucket})
+        return out
+
+
+def _decode(img: BucketedImage) -> np.ndarray | Failed:
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode, size, arr = im.mode, im.size, np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise ItemError(f"bucketed image {path} is unreadable ({e}); run the bucket stage again") from None
-    if mode != "RGB" or size != (width, height):
-        raise ItemError(f"bucketed image {path} is {mode} {size[0]}x{size[1]}, expected RGB {width}x{height}")
-    return arr
+        return decode_bucketed(img)
+    except ItemError as e:
+        return Failed(str(e))
 
 
 def embed_image(p: EmbedImageParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
-                store_dir: Path = STORE, workers: int | None = None) -> Report:
-    """`workers` threads decode a batch's PNGs; the model spreads itself over the cores."""
+                store_dir: Path = STORE, workers: int | None = None, params_file: Path = PARAMS_FILE) -> Report:
+    """`workers` threads decode a batch's PNGs; the model spreads itself over the cores; where
+    it runs (this process or a Ray cluster) is params.yaml's `executor`."""
     p.validate()
     samples = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
     # Rejects never reach the NanoDiT shards: their DINOv3 features would be wasted work.
     samples = [s for s in samples if s["split"] != "rejected"]
     resolved = resolve(p.model, "embed_image.model", p.revision, allow_patterns=dinov3.ALLOW_PATTERNS)
-    device = torch_device()
-    dtype = torch_dtype(p.dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")  # the key holds what "auto" became
-    store = Store(store_dir, ".safetensors")
+    with model_executor(params_file) as executor:
+        return _embed(p, samples, resolved, executor, out_dir, Store(store_dir, ".safetensors"), workers)
+
+
+def _embed(p: EmbedImageParams, samples: list[dict], resolved: ResolvedModel, executor, out_dir: Path,
+           store: Store, workers: int | None) -> Report:
+    device = executor.device()
+    dtype_name = str(torch_dtype(p.dtype, device)).removeprefix("torch.")  # what "auto" became
 
     rows, upstream, by_id, work = [], {}, {}, []
     for s in samples:
@@ -102,47 +137,13 @@ def embed_image(p: EmbedImageParams, in_dir: Path = manifest.MANIFEST_DIR, out_d
         by_id[s["id"]] = s
         work.append((s["id"], key))
 
-    encoder = None
-
-    def load(item_id: str) -> np.ndarray | ItemError:
-        # PNG decoding releases the GIL: on a GPU it would otherwise be the bottleneck.
+    def read_input(item_id: str) -> BucketedImage:
         s = by_id[item_id]
-        try:
-            return load_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"])
-        except ItemError as e:
-            return e
+        return read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"])
 
-    def compute_batch(batch: list[tuple[str, str]]) -> dict[str, str]:
-        nonlocal encoder
-        if encoder is None:  # loaded on the first missing item: a cached run never reads the weights
-            loaded = dinov3.DINOv3Encoder(resolved.path, dtype, device)
-            if loaded.patch_size != PATCH:
-                raise RuntimeError(f"embed_image.model: patch size {loaded.patch_size}, expected {PATCH}")
-            encoder = loaded
-        errors, ok, images = {}, [], []
-        for (item_id, key), img in zip(batch, pool.map(load, [i for i, _ in batch])):
-            if isinstance(img, ItemError):
-                errors[item_id] = str(img)
-            else:
-                images.append(img)
-                ok.append((item_id, key))
-        if not ok:
-            return errors
-        cls, patches = encoder.encode(np.stack(images))  # (B, D), (B, h, w, D)
-        for j, (item_id, key) in enumerate(ok):
-            c16, p16 = cls[j].astype(np.float16), patches[j].astype(np.float16)
-            if not (np.isfinite(c16).all() and np.isfinite(p16).all()):
-                errors[item_id] = "non-finite features (out of float16 range)"
-                continue
-            write_tensors(store, key, {"cls": c16, "patches": p16},
-                          {"model": resolved.key(), "dtype": dtype_name, "bucket": by_id[item_id]["bucket"]})
-        return errors
-
-    # A fatal model problem (wrong patch size) fails every batch; run_batches then
-    # raises with the reason, since a run where every item failed is not bad input.
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        report = run_batches("embed_image", work, store, compute_batch, p.batch_size,
-                             group=lambda item_id: by_id[item_id]["bucket"])
+    worker = ImageWorker(resolved, dtype_name, device, workers or default_workers())
+    report = run_model("embed_image", work, store, worker, read_input, p.batch_size, executor=executor,
+                       group=lambda item_id: by_id[item_id]["bucket"])
 
     settle_rows(rows, upstream, report,
                 lambda rs: manifest.write_table(rs, SCHEMA, out_dir / "embed_image.parquet", sort_by="id"))

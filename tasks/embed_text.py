@@ -18,11 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.encoders import t5
-from models.hub import resolve, torch_device, torch_dtype
+from models.hub import ResolvedModel, resolve, resolve_here, torch_dtype
 from tasks.core import manifest
-from tasks.core.runner import run_batches
+from tasks.core.executors import model_executor
+from tasks.core.params import PARAMS_FILE
+from tasks.core.runner import run_model
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import Store, item_key, write_tensors
+from tasks.core.store import Store, item_key, tensor_bytes
+from tasks.core.workers import Failed, Result, Worker, check_device
 
 log = logging.getLogger("niche.embed_text")
 
@@ -88,16 +91,49 @@ def read_item_info(store: Store, key: str) -> tuple[int, bool]:
     return int(meta["length"]), meta["truncated"] == "1"
 
 
+class TextWorker(Worker):
+    """T5 on whichever machine runs it: captions in, safetensors bytes out."""
+
+    def __init__(self, model: ResolvedModel, dtype: str, device: str, max_length: int):
+        self.model, self.dtype, self.device, self.max_length = model, dtype, device, max_length
+        self.encoder = None
+
+    def setup(self) -> str:
+        check_device(self.device)
+        here = resolve_here(self.model, "embed_text.model", t5.ALLOW_PATTERNS)
+        self.encoder = t5.T5Encoder(here.path, torch_dtype(self.dtype, self.device), self.device)
+        return f"T5 {self.model.key()}, {self.dtype} on {self.device}"
+
+    def run(self, texts: list[str]) -> list[Result]:
+        out: list[Result] = []
+        for hidden, truncated in self.encoder.encode(texts, self.max_length):
+            h16 = hidden.astype(np.float16)
+            if not np.isfinite(h16).all():
+                out.append(Failed("non-finite hidden states (out of float16 range)"))
+                continue
+            meta = {"model": self.model.key(), "dtype": self.dtype, "length": str(len(h16)),
+                    "truncated": "1" if truncated else "0"}
+            out.append(tensor_bytes({"hidden": h16, "length": np.array(len(h16), np.int32),
+                                     "truncated": np.array(truncated, np.bool_)}, meta))
+        return out
+
+
 def embed_text(p: EmbedTextParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
-               store_dir: Path = STORE, workers: int | None = None) -> Report:
-    """`workers` is unused: the model spreads one batch over the cores itself."""
+               store_dir: Path = STORE, workers: int | None = None, params_file: Path = PARAMS_FILE) -> Report:
+    """`workers` is unused: the model spreads one batch over the cores itself; where the model
+    runs (this process or a Ray cluster) is params.yaml's `executor`."""
     p.validate()
     captions = read_captions(in_dir / "caption.parquet")
     resolved = resolve(p.model, "embed_text.model", p.revision, allow_patterns=t5.ALLOW_PATTERNS)
-    device = torch_device()
-    dtype = torch_dtype(p.dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")  # the key holds what "auto" became
-    store = Store(store_dir, ".safetensors")
+    executor = model_executor(params_file)
+    with executor:
+        return _embed(p, captions, resolved, executor, out_dir, Store(store_dir, ".safetensors"))
+
+
+def _embed(p: EmbedTextParams, captions: list[dict], resolved: ResolvedModel, executor, out_dir: Path,
+           store: Store) -> Report:
+    device = executor.device()
+    dtype_name = str(torch_dtype(p.dtype, device)).removeprefix("torch.")  # what "auto" became
 
     rows, upstream = [], {}
     text_of: dict[str, str] = {}  # key -> caption text
@@ -118,40 +154,23 @@ def embed_text(p: EmbedTextParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir
         first.setdefault(key, c["id"])
     key_of = {r["id"]: r["key"] for r in rows}
 
-    encoder = None
+    tokenizer = None
     n_tokens: dict[str, int] = {}
 
-    def get_encoder() -> t5.T5Encoder:
-        # Loaded on the first missing item only: a fully cached run never touches the weights.
-        nonlocal encoder
-        if encoder is None:
-            encoder = t5.T5Encoder(resolved.path, dtype, device)
-        return encoder
-
     def order(item_id: str) -> int:
-        # By token count, so a batch pads to about its own length.
+        # By token count, so a batch pads to about its own length. Only the tokenizer is loaded
+        # here: the model is the workers'.
+        nonlocal tokenizer
         key = key_of[item_id]
         if key not in n_tokens:
-            n_tokens[key] = get_encoder().count_tokens([text_of[key]])[0]
+            tokenizer = tokenizer or t5.load_tokenizer(resolved.path)
+            n_tokens[key] = t5.count_tokens(tokenizer, [text_of[key]])[0]
         return n_tokens[key]
 
-    def compute_batch(batch: list[tuple[str, str]]) -> dict[str, str]:
-        keys = [k for _, k in batch]
-        outputs = get_encoder().encode([text_of[k] for k in keys], p.max_length)
-        errors = {}
-        for (item_id, key), (hidden, truncated) in zip(batch, outputs):
-            h16 = hidden.astype(np.float16)
-            if not np.isfinite(h16).all():
-                errors[item_id] = "non-finite hidden states (out of float16 range)"
-                continue
-            meta = {"model": resolved.key(), "dtype": dtype_name, "length": str(len(h16)),
-                    "truncated": "1" if truncated else "0"}
-            write_tensors(store, key, {"hidden": h16, "length": np.array(len(h16), np.int32),
-                                       "truncated": np.array(truncated, np.bool_)}, meta)
-        return errors
-
     work = [(item_id, key) for key, item_id in first.items()]
-    report = run_batches("embed_text", work, store, compute_batch, p.batch_size, order=order)
+    worker = TextWorker(resolved, dtype_name, device, p.max_length)
+    report = run_model("embed_text", work, store, worker, lambda item_id: text_of[key_of[item_id]],
+                       p.batch_size, executor=executor, order=order)
 
     # Per sample: the item's failure reaches every sample that shares it.
     failures = dict(upstream)

@@ -32,13 +32,13 @@ class T5Encoder:
 
     def __init__(self, path: Path, dtype, device: str):
         import torch
-        from transformers import T5Config, T5EncoderModel, T5Tokenizer
+        from transformers import T5Config, T5EncoderModel
 
         if dtype == torch.float16:
             raise ValueError("T5 overflows in float16 (its feed-forward activations exceed 65504); "
                              "use bfloat16 or float32")
         config = T5Config.from_pretrained(path)
-        self.tokenizer = T5Tokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         check_vocab(len(self.tokenizer), config.vocab_size, path)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: the tokenizer has no EOS token; T5 needs one")
@@ -50,8 +50,7 @@ class T5Encoder:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text including EOS, before any truncation."""
-        ids = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        return [len(x) for x in ids]
+        return count_tokens(self.tokenizer, texts)
 
     def encode(self, texts: list[str], max_length: int) -> list[tuple[np.ndarray, bool]]:
         """[(hidden (n, d) float32, truncated)] with n = the text's tokens incl. EOS, ≤ max_length.
@@ -71,6 +70,19 @@ class T5Encoder:
         hidden = hidden.float().cpu().numpy()
         lengths = mask.sum(1).tolist()
         return [(hidden[i, :n], full[i] > max_length) for i, n in enumerate(lengths)]
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer alone: what a driver needs to sort captions by length (no weights)."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(path)
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens of each text including EOS, before any truncation."""
+    ids = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    return [len(x) for x in ids]
 
 
 def check_vocab(n_tokens: int, n_embeddings: int, path: Path) -> None:

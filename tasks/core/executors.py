@@ -8,23 +8,31 @@ bar). The stage never picks one: the runner does, by the kind of work —
     batches   model batches: one after another in this process, since the model already spreads
               itself over the cores or the GPU
 
-— and $NICHE_EXECUTOR overrides both (`threads` or `inline`). A new engine (a Ray pool of GPU
-actors, a Dask cluster) is one more class with `map` and a context manager, and one more name
-in EXECUTORS.
+— and $NICHE_EXECUTOR overrides both (`threads` or `inline`).
+
+Model stages (caption, embed_*, latents) run their missing keys through a model executor
+instead (`model_executor`, params.yaml's `executor` section): `local` (tasks/core/workers.py,
+this process) or `ray` (tasks/core/ray_pool.py, a pool of actors on a Ray cluster, one per GPU).
+The executor's settings never enter a key: switching executors recomputes nothing.
 """
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Protocol, TypeVar
 
 from models.hub import SetupError
+from tasks.core.params import PARAMS_FILE, from_dict
+from tasks.core.workers import ExecutorParams, LocalModels
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 EXECUTOR_ENV = "NICHE_EXECUTOR"
 WORKERS_ENV = "NICHE_WORKERS"
+RAY_ADDRESS_ENV = "NICHE_RAY_ADDRESS"  # set: model stages run on the Ray cluster at this address
 
 
 class Executor(Protocol):
@@ -98,3 +106,26 @@ def executor_for(kind: Literal["items", "batches"], workers: int | None = None) 
     if name not in EXECUTORS:
         raise SetupError(f"${EXECUTOR_ENV}={name!r}: expected one of {', '.join(sorted(EXECUTORS))}")
     return EXECUTORS[name](workers)
+
+
+def executor_params(params_path: Path | str = PARAMS_FILE) -> ExecutorParams:
+    """params.yaml's `executor` section (defaults when absent), then $NICHE_RAY_ADDRESS."""
+    import yaml
+
+    path = Path(params_path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    p = from_dict(ExecutorParams, (doc or {}).get("executor"), prefix="executor")
+    address = os.environ.get(RAY_ADDRESS_ENV)
+    if address:
+        p = replace(p, kind="ray", address=address)
+    return p
+
+
+def model_executor(params_path: Path | str = PARAMS_FILE):
+    """The executor a model stage runs its workers on: LocalModels or RayModels."""
+    p = executor_params(params_path)
+    if p.kind == "ray":
+        from tasks.core.ray_pool import RayModels
+
+        return RayModels(p)
+    return LocalModels()

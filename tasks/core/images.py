@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -93,3 +94,42 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
     # L, 1, CMYK, YCbCr, LAB, HSV, RGBX: PIL's own conversions are right here.
     return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class BucketedImage:
+    """A bucketed PNG as it travels to a model worker: its bytes (read by the driver, so the
+    worker needs no shared filesystem), its path for messages, and the size the bucket promised."""
+
+    path: str
+    data: bytes
+    width: int
+    height: int
+
+
+def read_bucketed(path: Path, width: int, height: int) -> BucketedImage:
+    """On the driver: the file's bytes, or an ItemError naming it."""
+    from tasks.core.stage import ItemError
+
+    try:
+        return BucketedImage(str(path), path.read_bytes(), width, height)
+    except FileNotFoundError:
+        raise ItemError(f"bucketed image {path} is missing; run the bucket stage again") from None
+    except OSError as e:
+        raise ItemError(f"bucketed image {path} is unreadable ({e}); run the bucket stage again") from None
+
+
+def decode_bucketed(img: BucketedImage) -> np.ndarray:
+    """In the worker: (H, W, 3) uint8, refusing anything but what the bucket stage wrote."""
+    from tasks.core.stage import ItemError
+
+    try:
+        with Image.open(io.BytesIO(img.data)) as im:
+            im.load()
+            mode, size, arr = im.mode, im.size, np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise ItemError(f"bucketed image {img.path} is unreadable ({e}); run the bucket stage again") from None
+    if mode != "RGB" or size != (img.width, img.height):
+        raise ItemError(f"bucketed image {img.path} is {mode} {size[0]}x{size[1]}, "
+                        f"expected RGB {img.width}x{img.height}")
+    return arr

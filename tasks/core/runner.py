@@ -20,6 +20,7 @@ from tqdm import tqdm
 from tasks.core.executors import Executor, executor_for
 from tasks.core.stage import ItemError, Report
 from tasks.core.store import Store
+from tasks.core.workers import Failed, LocalModels, Worker
 
 log = logging.getLogger("niche")
 
@@ -165,3 +166,79 @@ def _settle_batch(stage: str, report: Report, batch: list[tuple[str, str]], erro
     report.computed += len(batch) - len(errors)
 
 
+
+
+def run_model(
+    stage: str,
+    work: Iterable[tuple[str, str]],
+    store: Store,
+    worker: Worker,
+    read_input: Callable[[str], Any],
+    batch_size: int,
+    executor=None,
+    group: Callable[[str], object] | None = None,
+    order: Callable[[str], object] | None = None,
+) -> Report:
+    """A model stage's missing keys, computed by `worker` on `executor`, written here.
+
+    `read_input(item_id)` gives the worker's input for an item (read on this machine: workers
+    elsewhere never need its files) or raises ItemError. Batches are formed here — `group` keeps
+    items that cannot share a batch apart (images of different buckets), `order` sorts within a
+    group (text by length, so padding stays small) — so every executor computes the same
+    batches and the store's bytes do not depend on which one ran. Results are written as they
+    land, so an interrupted run keeps what it finished.
+    """
+    t0 = time.perf_counter()
+    work = list(work)
+    report = Report(stage=stage, total=len(work))
+    store.remove_stale_temps()
+    todo = [(i, k) for i, k in work if not store.has(k)]
+    report.reused = len(work) - len(todo)
+    if not todo:  # a fully cached run never loads a model nor joins a cluster
+        return _finish(report, 0, t0)
+    groups: dict[object, list[tuple[str, str]]] = {}
+    for pair in todo:
+        groups.setdefault(group(pair[0]) if group else None, []).append(pair)
+    batches: list[list[tuple[str, str]]] = []
+    for items in groups.values():
+        if order:
+            items.sort(key=lambda p: order(p[0]))
+        batches += [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    sent: dict[int, list[tuple[str, str]]] = {}  # batch -> the items whose input was read
+
+    def inputs_of(b: int) -> list[Any]:
+        ok, inputs = [], []
+        for item_id, key in batches[b]:
+            try:
+                inputs.append(read_input(item_id))
+                ok.append((item_id, key))
+            except ItemError as e:
+                _settle_one(stage, report, item_id, str(e))
+        sent[b] = ok
+        return inputs
+
+    ex = executor or LocalModels()
+    log.info("%s: %d of %d items to compute in %d batches on %s", stage, len(todo), len(work),
+             len(batches), ex.describe())
+    bar = tqdm(total=len(todo), desc=stage, unit="item", disable=None, leave=False)
+    t_run = time.perf_counter()
+    with ex:
+        for b, results in ex.run(worker, len(batches), inputs_of):
+            for (item_id, key), r in zip(sent.pop(b), results):
+                if isinstance(r, Failed):
+                    _settle_one(stage, report, item_id, r.reason)
+                else:
+                    store.write_bytes(key, r)
+                    report.computed += 1
+            bar.update(len(batches[b]))
+    bar.close()
+    took = time.perf_counter() - t_run
+    log.info("%s: %d computed, %d failed in %.1f s (%.2f items/s) on %s", stage, report.computed,
+             report.failed, took, report.computed / took if took > 0 else 0.0, ex.name)
+    return _finish(report, len(todo), t0)
+
+
+def _settle_one(stage: str, report: Report, item_id: str, reason: str) -> None:
+    report.failures[item_id] = reason
+    report.failed += 1
+    log.warning("%s: %s failed: %s", stage, item_id, reason)

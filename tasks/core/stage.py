@@ -8,6 +8,7 @@ tasks/core/executors.py.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -117,7 +118,8 @@ def stage_main(stage: str, params_cls: type, run: Callable[..., Report], doc: st
     setup_logging()
     params = section_or_exit(params_cls, stage, args.params)
     try:
-        report = run(params, workers=args.workers)
+        extra = {"params_file": Path(args.params)} if "params_file" in inspect.signature(run).parameters else {}
+        report = run(params, workers=args.workers, **extra)
     except SetupError as e:
         sys.exit(f"{stage}: {e}")
     report.write()

@@ -122,15 +122,20 @@ class Store:
                 if not p.name.startswith(".")}
 
 
-def write_tensors(store: Store, key: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    """One item as safetensors (numpy arrays), written atomically."""
+def tensor_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """One item as safetensors bytes (numpy arrays): what a worker returns for the driver to write."""
     import numpy as np
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     # safetensors (numpy) writes a non-contiguous array in memory order without a word: values
     # come back scrambled. Contiguous copies first.
     arrays = {k: np.asarray(v).copy(order="C") for k, v in tensors.items()}  # (keeps 0-d arrays 0-d)
-    return store.write(key, lambda t: save_file(arrays, str(t), metadata=metadata))
+    return save(arrays, metadata=metadata)
+
+
+def write_tensors(store: Store, key: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """One item as safetensors (numpy arrays), written atomically."""
+    return store.write_bytes(key, tensor_bytes(tensors, metadata))
 
 
 def read_tensors(store: Store, key: str) -> tuple[dict, dict[str, str]]:
