@@ -82,3 +82,47 @@ def test_every_process_of_the_venv_has_dvc_patched_and_nothing_imported_at_start
     check = subprocess.run([sys.executable, "-m", "tasks.core.rawfs", "check"], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parents[1])
     assert check.returncode == 0, check.stderr
+
+
+def test_the_same_pth_arms_the_store_unprotect_skip_and_check_says_when_it_is_missing(tmp_path):
+    """tasks/core/storelinks.py: DVC's Output.unprotect is patched in every process of the venv
+    (armed by the same .pth), and `rawfs check` / `storelinks check` fail without it."""
+    from tasks.core import storelinks
+    from tasks.core.store import STORE_MARKER
+
+    assert storelinks.MARKER == STORE_MARKER
+    code = ("import sys; before = 'tasks' in sys.modules or 'dvc' in sys.modules; "
+            "import dvc.output as o; print(before, getattr(o.Output.unprotect, '__niche_storelinks__', False))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"], (
+        f"DVC in {sys.prefix} still unprotects stores: run `{sys.executable} -m tasks.core.rawfs install`")
+    repo = Path(__file__).resolve().parents[1]
+    unarm = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if not hasattr(f, '__niche_storelinks__')]; "
+    for module in ("rawfs", "storelinks"):
+        ok = subprocess.run([sys.executable, "-m", f"tasks.core.{module}", "check"], capture_output=True,
+                            text=True, cwd=repo)
+        assert ok.returncode == 0 and "leaves stores" in ok.stdout, ok.stderr
+        missing = subprocess.run([sys.executable, "-c", unarm + f"from tasks.core.{module} import main; main(['check'])"],
+                                 capture_output=True, text=True, cwd=repo)
+        assert missing.returncode == 1 and "Output.unprotect is not patched" in missing.stderr, (module, missing)
+
+
+def test_unprotect_is_skipped_only_for_a_local_folder_holding_the_marker(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tasks.core import storelinks
+
+    calls = []
+    patched = storelinks._wrap_unprotect(lambda out: calls.append(out.fs_path))
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / storelinks.MARKER).write_text("x")
+    (tmp_path / "run").mkdir()
+    local, remote = SimpleNamespace(protocol="local"), SimpleNamespace(protocol="s3")
+
+    def out(path, fs=local, use_cache=True):
+        return SimpleNamespace(fs_path=str(tmp_path / path), fs=fs, use_cache=use_cache)
+
+    for o in (out("store"), out("run"), out("store/" + storelinks.MARKER), out("store", fs=remote)):
+        patched(o)
+    assert calls == [str(tmp_path / p) for p in ("run", "store/" + storelinks.MARKER, "store")]

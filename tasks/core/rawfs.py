@@ -35,7 +35,9 @@ which would import the `tasks` package at start-up, and a scaffolded repo's own
 `tasks/` must win for `python -m tasks.x`), so it imports nothing but the standard
 library. Without the `.pth` (a venv not made by `make venv`), `python -m
 tasks.core.rawfs check` fails with the command to run, and ingest warns when it
-lists entries that DVC would trip on.
+lists entries that DVC would trip on. The same `.pth` arms tasks/core/storelinks.py (DVC
+leaves the per-sample stores linked to its cache when their stage re-runs), and `check`
+fails when that one is missing too.
 
 Limits, said once: an entry DVC skips does not count for staleness, so adding or
 removing only a FIFO (or a dangling link, an undecodable name...) does not re-run
@@ -44,7 +46,7 @@ instant between DVC listing and reading it still fails that one DVC command (a
 race with a writer, not something a folder can hold).
 
     python -m tasks.core.rawfs install   # write the .pth into this interpreter's site-packages
-    python -m tasks.core.rawfs check     # exit 1 unless DVC in this interpreter skips odd entries
+    python -m tasks.core.rawfs check     # exit 1 unless DVC here skips odd entries and keeps store links
 """
 from __future__ import annotations
 
@@ -260,6 +262,8 @@ def pth_line() -> str:
 def write_pth(site_dir: str | None = None) -> str:
     import sysconfig
 
+    from tasks.core import storelinks  # (not at the top: this file is loaded by path at start-up)
+
     site_dir = site_dir or sysconfig.get_paths()["purelib"]
     path = os.path.join(site_dir, PTH_NAME)
     tmp = path + ".tmp"
@@ -267,6 +271,8 @@ def write_pth(site_dir: str | None = None) -> str:
         f.write("# Written by `python -m tasks.core.rawfs install` (make venv): DVC skips entries\n"
                 "# that are not readable regular files (FIFOs, sockets, dangling links...). See that module.\n")
         f.write(pth_line())
+        f.write("# ...and leaves Niche's stores linked to its cache when their stage re-runs: tasks/core/storelinks.py.\n")
+        f.write(storelinks.pth_line())
     os.replace(tmp, path)
     return path
 
@@ -283,7 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     install_hint = f"run `make venv` or `{sys.executable} -m tasks.core.rawfs install`"
     if not active():
         sys.exit(f"DVC in {sys.prefix} would stop on odd entries in data/raw (no {PTH_NAME}): {install_hint}")
+    from tasks.core import storelinks
+
+    if (why := storelinks.problem()) is not None:
+        sys.exit(why)
     print(f"ok: DVC in {sys.prefix} skips entries that are not readable regular files")
+    print(f"ok: DVC in {sys.prefix} leaves stores ({storelinks.MARKER}) linked to the cache when their stage re-runs")
 
 
 if __name__ == "__main__":
