@@ -145,3 +145,23 @@ def test_the_runner_picks_the_executor_and_every_executor_gives_the_same_result(
 
     r = run_batches("t", work, Store(tmp_path / "b", ".txt"), compute_batch, batch_size=5)
     assert r.computed == 12 and batch_threads == {threading.get_ident()}  # a model batch at a time, here
+
+
+def test_a_store_marks_its_root_once_before_its_first_write_and_keeps_a_right_marker(tmp_path):
+    """tasks/core/storelinks.py lets DVC skip copying a folder holding this marker."""
+    from tasks.core.store import STORE_MARKER, STORE_MARKER_TEXT
+
+    store = Store(tmp_path / "s", ".txt")
+    assert not store.root.exists()  # nothing before a write
+    store.write_bytes("ab" + "0" * 62, b"x")
+    marker = store.root / STORE_MARKER
+    assert marker.read_text() == STORE_MARKER_TEXT
+    ino = marker.stat().st_ino
+    again = Store(tmp_path / "s", ".txt")
+    again.write_bytes("cd" + "0" * 62, b"y")
+    assert marker.stat().st_ino == ino  # left alone when right (it may be a DVC cache object)
+    marker.write_text("something else")
+    Store(tmp_path / "s", ".txt").write_bytes("ef" + "0" * 62, b"z")
+    assert marker.read_text() == STORE_MARKER_TEXT
+    assert again.keys() == {"ab" + "0" * 62, "cd" + "0" * 62, "ef" + "0" * 62}
+    assert again.remove_stale_temps() == 0 and marker.is_file()

@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 TMP_SUFFIX = ".tmp"
+# At a Store's root, written before its first item: DVC need not copy the store's files before
+# its stage re-runs (tasks/core/storelinks.py reads it; same name there).
+STORE_MARKER = ".niche-store"
+STORE_MARKER_TEXT = ("Niche per-sample store (tasks/core/store.py): write-once and content-addressed.\n"
+                     "Files are replaced (new temporary file + os.replace), never written into,\n"
+                     "so DVC need not unprotect (copy) them before the stage re-runs.\n")
 
 
 def item_key(stage: str, version: int, inputs: Iterable[str], params: dict[str, Any],
@@ -85,6 +91,7 @@ class Store:
     def __init__(self, root: Path | str, ext: str):
         self.root = Path(root)
         self.ext = ext if ext.startswith(".") else f".{ext}"
+        self._marked = False
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{self.ext}"
@@ -95,7 +102,21 @@ class Store:
     def has(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def mark(self) -> None:
+        """Write STORE_MARKER at the root (atomically, unless it is there already), once per instance."""
+        if self._marked:
+            return
+        marker = self.root / STORE_MARKER
+        try:
+            present = marker.read_text(encoding="utf-8") == STORE_MARKER_TEXT
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            present = False
+        if not present:  # left alone when right: it may be a DVC cache object (a hardlink)
+            atomic_write(marker, lambda t: t.write_text(STORE_MARKER_TEXT, encoding="utf-8"))
+        self._marked = True
+
     def write(self, key: str, write: Callable[[Path], None]) -> Path:
+        self.mark()
         p = self.path(key)
         atomic_write(p, write)
         return p
