@@ -115,12 +115,79 @@ def test_repro_links_outputs_to_the_cache_and_a_rerun_leaves_cache_objects_alone
     for md5, (ino, digest) in before.items():
         assert (after[md5].stat().st_ino, hashlib.sha256(after[md5].read_bytes()).hexdigest()) == (ino, digest)
     assert_cache_intact(root)
-    # The persisted store keeps the old items beside the new ones, all of them linked: DVC copies
-    # a persisted output's files before the stage runs (Stage.remove_outs → unprotect) and only
-    # a cache.type without "copy"/"reflink" makes it link those copies back afterwards.
+    # The persisted store keeps the old items beside the new ones, all of them linked (a store is
+    # not unprotected before its stage re-runs: tasks/core/storelinks.py, the test below).
     assert old_items < set(files(root, "data/derived/bucket"))
     assert_linked(root, "data/derived/bucket")
     assert linked_ratio(root) <= 1.1
+
+
+# Run first in the stage's command: what the stage finds when it starts, i.e. after DVC's
+# Stage.remove_outs (→ Output.unprotect) and before bucket writes anything.
+PROBE = """import json, os, sys
+from pathlib import Path
+seen = {}
+for d in ("data/derived/bucket", "data/manifest", ".dvc/cache"):
+    for p in Path(d).rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            seen[str(p)] = [st.st_ino, st.st_nlink, st.st_size]
+Path(sys.argv[1]).write_text(json.dumps(seen))
+"""
+
+
+def rerun_probed(root: Path, probe_out: Path, shrink: int) -> dict[str, list[int]]:
+    """Every bucket `shrink` px smaller (new keys and bytes for every item), `dvc repro bucket`
+    with PROBE run first: {path: [inode, nlink, size]} of store + manifests + cache as the stage
+    started."""
+    probe = probe_out.with_suffix(".py")
+    probe.write_text(PROBE)
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())
+    stages["stages"]["bucket"]["cmd"] = f"python {probe} {probe_out} && python -m tasks.bucket"
+    (root / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    doc = yaml.safe_load((root / "params.yaml").read_text())
+    doc["bucket"]["buckets"] = [[w - shrink, h - shrink] for w, h in doc["bucket"]["buckets"]]
+    (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert repro_bucket(root) == FIGURES
+    return json.loads(probe_out.read_text())
+
+
+def test_a_rerun_leaves_the_store_linked_and_copies_only_an_unmarked_one(built, tmp_path):
+    """DVC unprotects (copies) a persisted out before its stage re-runs; a folder holding the
+    Store's marker is left alone (tasks/core/storelinks.py): nothing copied, no disk peak."""
+    from tasks.core.store import STORE_MARKER
+
+    root = built
+    store = root / "data/derived/bucket"
+    assert (store / STORE_MARKER).is_file()
+    assert_linked(root, "data/derived/bucket")
+    old = {str(p.relative_to(root)): p.stat().st_ino for p in files(root, "data/derived/bucket")}
+    assert f"data/derived/bucket/{STORE_MARKER}" in old
+
+    seen = rerun_probed(root, tmp_path / "marked.json", 64)
+    # As the stage started, and after it: each old file is still its cache object (same inode).
+    assert {p: seen[p][0] for p in old} == old
+    assert all(seen[p][1] >= 2 for p in old)
+    assert {str(p.relative_to(root)): p.stat().st_ino for p in files(root, "data/derived/bucket")
+            if str(p.relative_to(root)) in old} == old
+    assert_linked(root, "data/derived/bucket")
+    assert_cache_intact(root)
+    # No second copy of the store at any point: at the stage's start (where DVC's unprotect had
+    # copied it) and after.
+    content = unique_content(files(root, *OUTS, ".dvc/cache"))
+    at_start = sum({ino: size for ino, _, size in seen.values()}.values())
+    assert at_start <= 1.1 * content and linked_ratio(root) <= 1.1, (at_start, content)
+    assert "up to date" in dvc(root, "status", "bucket")
+
+    # The same store without its marker gets DVC's own unprotect: copies, then linked back.
+    (store / STORE_MARKER).unlink()
+    old = {str(p.relative_to(root)): p.stat().st_ino for p in files(root, "data/derived/bucket")}
+    seen = rerun_probed(root, tmp_path / "unmarked.json", 128)
+    assert all(seen[p][0] != ino and seen[p][1] == 1 for p, ino in old.items()), "the unmarked store was not copied"
+    assert (store / STORE_MARKER).is_file()  # bucket wrote it again
+    assert_linked(root, "data/derived/bucket")
+    assert_cache_intact(root)
+    assert "up to date" in dvc(root, "status", "bucket")
 
 
 def test_push_and_pull_into_an_empty_cache_links_the_same_bytes(built, s3_endpoint, tmp_path):
