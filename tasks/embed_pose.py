@@ -10,6 +10,7 @@ the thread count do not (they change speed, not the answer).
 """
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +22,24 @@ from PIL import Image
 
 from models.encoders.dwpose import KEYPOINTS, DWPose, PoseResult, resolve_onnx
 from models.encoders.dwpose_decode import normalised_keypoints
-from tasks.core import manifest
+from models.hub import ResolvedModel, SetupError
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.executors import default_workers
-from tasks.core.runner import run_batches
+from tasks.core import manifest
+from tasks.core.executors import default_workers, model_executor
+from tasks.core.images import BucketedImage, read_bucketed
+from tasks.core.params import PARAMS_FILE
+from tasks.core.runner import run_model
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import Store, item_key, read_tensors, write_tensors
+from tasks.core.store import Store, item_key, read_tensors, tensor_bytes
+from tasks.core.workers import Failed, Result, Worker, where
 
 log = logging.getLogger("niche.embed_pose")
 
 VERSION = 1  # bump when the tensors written for the same key would change
 STORE = Path("data/derived/embed_pose")
+# Images per batch sent to a worker. DWPose takes one image at a time, so this changes no byte:
+# it only saves round trips to a Ray actor.
+BATCH_SIZE = 8
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -89,10 +97,68 @@ def _item(result: PoseResult, width: int, height: int) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def resolve_onnx_here(r: ResolvedModel, param: str) -> ResolvedModel:
+    """`r` (resolved on the driver) resolved again on this machine — a Ray worker's, which may be
+    another host with its own hub cache — refusing other weights (models.hub.resolve_here's rule,
+    for the single .onnx files DWPose is named by)."""
+    here = resolve_onnx(r.id, param)
+    if here.key() != r.key():
+        raise SetupError(f"{param}: on {where()} {r.id!r} is {here.key()}, but the driver resolved "
+                         f"{r.key()}; give every node the same files or revision")
+    return here
+
+
+class PoseWorker(Worker):
+    """DWPose (two ONNX Runtime sessions) on whichever machine runs it: bucketed PNG bytes in,
+    safetensors bytes out. Picklable until setup(): settings only."""
+
+    def __init__(self, detector: ResolvedModel, pose: ResolvedModel, device: str, threads: int | None,
+                 det_score: float, nms_iou: float, bbox_padding: float):
+        self.detector, self.pose, self.device, self.threads = detector, pose, device, threads
+        self.det_score, self.nms_iou, self.bbox_padding = det_score, nms_iou, bbox_padding
+        self.model: DWPose | None = None
+
+    def setup(self) -> str:
+        # Before any image: a missing CUDA or a broken .onnx is one clear error, not one per image.
+        det = resolve_onnx_here(self.detector, "embed_pose.detector")
+        pose = resolve_onnx_here(self.pose, "embed_pose.pose")
+        self.model = DWPose(det.path, pose.path, device=self.device, threads=self.threads,
+                            det_score=self.det_score, nms_iou=self.nms_iou, bbox_padding=self.bbox_padding,
+                            param="embed_pose.device")
+        return (f"DWPose {self.detector.key()} + {self.pose.key()} on "
+                f"{self.model.det.get_providers()[0]} ({where()})")
+
+    def run(self, images: list[BucketedImage]) -> list[Result]:
+        out: list[Result] = []
+        for img in images:
+            im = _open(img)
+            if isinstance(im, Failed):
+                out.append(im)
+                continue
+            tensors, meta = _item(self.model(im), img.width, img.height)
+            out.append(tensor_bytes(tensors, meta))
+        return out
+
+
+def _open(img: BucketedImage) -> Image.Image | Failed:
+    """The bucketed PNG as RGB, at the size the manifest promised."""
+    try:
+        with Image.open(io.BytesIO(img.data)) as f:
+            im = f.convert("RGB")
+    except (OSError, ValueError) as e:
+        return Failed(f"bucketed image {img.path} unreadable: {e}")
+    if im.size != (img.width, img.height):
+        return Failed(f"bucketed image {img.path} is {im.width}x{im.height}, "
+                      f"the manifest says {img.width}x{img.height}; run bucket again")
+    return im
+
+
 def embed_pose(p: EmbedPoseParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
                store_dir: Path = STORE, workers: int | None = None,
-               bucket_store: Path = BUCKET_STORE) -> Report:
-    """Pose of the main person in every bucketed image (`bucket_store` holds them)."""
+               bucket_store: Path = BUCKET_STORE, params_file: Path = PARAMS_FILE) -> Report:
+    """Pose of the main person in every bucketed image (`bucket_store` holds them); where the
+    models run (this process or a Ray cluster) is params.yaml's `executor`. `workers`: onnxruntime
+    threads in this process (default: every core)."""
     images = manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
     # Rejects never reach the NanoDiT shards: their poses would be wasted work.
     images = [r for r in images if r["split"] != "rejected"]
@@ -115,33 +181,21 @@ def embed_pose(p: EmbedPoseParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir
         by_id[r["id"]] = r
         work.append((r["id"], key))
 
-    # The sessions load only when something is missing, and before the loop: a
-    # missing CUDA or a broken .onnx is one clear error, not one per image.
-    model = None
-    if any(not store.has(k) for _, k in work):
-        model = DWPose(det.path, pose.path, device=p.device, threads=workers or default_workers(),
-                       det_score=p.det_score, nms_iou=p.nms_iou, bbox_padding=p.bbox_padding,
-                       param="embed_pose.device")
+    def read_input(item_id: str) -> BucketedImage:
+        r = by_id[item_id]
+        return read_bucketed(bucket_store / r["file"], r["width"], r["height"])
 
-    def compute(batch: list[tuple[str, str]]) -> dict[str, str]:
-        errors = {}
-        for item_id, key in batch:
-            r = by_id[item_id]
-            try:
-                with Image.open(bucket_store / r["file"]) as f:
-                    img = f.convert("RGB")
-            except (OSError, ValueError) as e:
-                errors[item_id] = f"bucketed image {r['file']} unreadable: {e}"
-                continue
-            if img.size != (r["width"], r["height"]):
-                errors[item_id] = (f"bucketed image {r['file']} is {img.width}x{img.height}, "
-                                   f"the manifest says {r['bucket']}; run bucket again")
-                continue
-            tensors, meta = _item(model(img), r["width"], r["height"])
-            write_tensors(store, key, tensors, meta)
-        return errors
-
-    report = run_batches("embed_pose", work, store, compute, batch_size=1)
+    with model_executor(params_file) as executor:
+        device, threads = p.device, workers or default_workers()
+        # A fully cached run joins no cluster (and run_model returns before loading anything).
+        if executor.name == "ray" and any(not store.has(k) for _, k in work):
+            # `auto` keeps its meaning on Ray: CUDA where onnxruntime has it (a GPU actor's own
+            # GPU), else the CPU, warned; actors given no GPU use the CPU without trying CUDA.
+            if p.device == "auto" and executor.device() == "cpu":
+                device = "cpu"
+            threads = max(1, int(executor.shape()[2]))  # the actor's CPUs, not its whole node's
+        worker = PoseWorker(det, pose, device, threads, p.det_score, p.nms_iou, p.bbox_padding)
+        report = run_model("embed_pose", work, store, worker, read_input, BATCH_SIZE, executor=executor)
     report.total += len(upstream)
     report.failed += len(upstream)
     report.failures.update(upstream)

@@ -202,3 +202,38 @@ def test_command_line_writes_metrics(bucketed, tiny):
     metrics = json.loads(Path("metrics/embed_pose.json").read_text())
     details = json.loads(Path("metrics/embed_pose.details.json").read_text())
     assert (metrics["total"], metrics["computed"], details["no_person"]) == (3, 3, 3)
+
+
+def test_worker_pickles_and_clean_runs_are_byte_identical(bucketed, tiny):
+    """The stores' bytes depend on the inputs only: a second clean run, and a PoseWorker that went
+    through pickle (as to a Ray actor) before its setup, give the very same files."""
+    import pickle
+    import shutil
+    from dataclasses import replace
+
+    from models.encoders.dwpose import resolve_onnx
+    from models.hub import SetupError
+    from tasks.core.images import read_bucketed
+    from tasks.embed_pose import PoseWorker
+
+    p = _params(tiny, det_score=0.02, device="cpu")
+    assert embed_pose(p, workers=2).computed == 3
+    store = Store(STORE, ".safetensors")
+    first = {r["key"]: store.read_bytes(r["key"]) for r in _rows()}
+    shutil.rmtree(STORE)
+    assert embed_pose(p, workers=2).computed == 3
+    assert {r["key"]: store.read_bytes(r["key"]) for r in _rows()} == first
+
+    det, pose = resolve_onnx(str(tiny[0]), "d"), resolve_onnx(str(tiny[1]), "p")
+    worker = pickle.loads(pickle.dumps(PoseWorker(det, pose, "cpu", 1, 0.02, 0.45, 1.25)))
+    worker.setup()
+    src = {r["id"]: r for r in manifest.read_table(Path("data/manifest/bucket.parquet"), manifest.BUCKET).to_pylist()}
+    rows = _rows()
+    images = [read_bucketed(Path("data/derived/bucket") / src[r["id"]]["file"], src[r["id"]]["width"],
+                            src[r["id"]]["height"]) for r in rows]
+    assert worker.run(images) == [first[r["key"]] for r in rows]
+
+    # A node whose file is not the driver's is refused at setup, naming the param.
+    other = PoseWorker(det, replace(pose, revision="local-0000"), "cpu", 1, 0.02, 0.45, 1.25)
+    with pytest.raises(SetupError, match=r"embed_pose\.pose: .*driver resolved"):
+        other.setup()
