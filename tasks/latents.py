@@ -21,14 +21,17 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from models.hub import ResolvedModel, SetupError, fingerprint, resolve, resolve_here
 from models.sdxl import pipeline as sdxl
-from models.hub import ResolvedModel, SetupError, fingerprint, resolve
-from tasks.core import manifest
 from tasks.bucket import STORE as BUCKET_STORE
-from tasks.core.executors import default_workers
-from tasks.core.runner import run_batches, settle_rows
+from tasks.core import manifest
+from tasks.core.executors import default_workers, model_executor
+from tasks.core.images import BucketedImage, decode_bucketed, read_bucketed
+from tasks.core.params import PARAMS_FILE
+from tasks.core.runner import run_model, settle_rows
 from tasks.core.stage import ItemError, Report, stage_main
-from tasks.core.store import Store, item_key, write_tensors
+from tasks.core.store import Store, item_key, tensor_bytes
+from tasks.core.workers import Failed, Result, Worker, where
 
 log = logging.getLogger("niche.latents")
 
@@ -106,47 +109,102 @@ def vae_key(r: ResolvedModel) -> str:
     return r.key()
 
 
-def pick_device(name: str) -> str:
+def check_device(device: str) -> None:
+    """On the worker: `cuda` where torch sees none is refused, never computed on the CPU instead."""
     import torch
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SetupError("latents.device: 'cuda', but torch sees no CUDA device here; set it to auto or cpu")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"latents.device: 'cuda', but torch sees no CUDA device on {where()}; "
+                         "set it to auto or cpu")
 
 
-def load_image(path: Path, size: tuple[int, int], encode: tuple[int, int]) -> np.ndarray:
-    """The bucket stage's PNG, checked to be what it wrote, resized to `encode` → (H, W, 3) uint8."""
-    if not path.is_file():
-        raise ItemError(f"bucketed image {path} is missing; run the bucket stage again")
+def load_image(img: BucketedImage, encode: tuple[int, int]) -> np.ndarray:
+    """The bucket stage's PNG (bytes read by the driver), checked to be what it wrote, resized to
+    `encode` → (H, W, 3) uint8; ItemError naming the file otherwise."""
+    arr = decode_bucketed(img)
+    if (img.width, img.height) == encode:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize(encode, Image.Resampling.LANCZOS))
+
+
+@dataclass(frozen=True)
+class LatentInput:
+    """What a LatentWorker gets per item: the bucketed PNG and what its metadata says."""
+
+    id: str  # the sample's content id, written into the item: the trainer checks it
+    bucket: str  # "WxH" of the bucket stage
+    width: int  # encoded pixel size
+    height: int
+    image: BucketedImage
+
+
+class LatentWorker(Worker):
+    """The SDXL VAE on whichever machine runs it: bucketed PNG bytes in, safetensors bytes out.
+    Picklable until setup(): settings only."""
+
+    def __init__(self, model: ResolvedModel, vae_key: str, dtype: str, device: str, threads: int):
+        self.model, self.vae_key, self.dtype, self.device, self.threads = model, vae_key, dtype, device, threads
+        self.vae = None
+
+    def setup(self) -> str:
+        import torch
+
+        check_device(self.device)
+        here = resolve_here(self.model, "latents.model", VAE_ALLOW)
+        self.vae = sdxl.load_vae(here, "latents.model", getattr(torch, self.dtype), self.device)
+        return f"SDXL VAE {self.vae_key}, {self.dtype} on {self.device} ({where()})"
+
+    def run(self, inputs: list[LatentInput]) -> list[Result]:
+        import torch
+
+        # PNG decoding and resizing release the GIL: on a GPU they would otherwise be the bottleneck.
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            images = list(pool.map(_load, inputs))
+        out: list[Result] = [x if isinstance(x, Failed) else b"" for x in images]
+        ok = [j for j, x in enumerate(images) if not isinstance(x, Failed)]
+        if not ok:
+            return out
+        # NCHW contiguous: a permuted (channels-last) view takes another conv kernel on CPUs,
+        # whose latents differ by ~1e-2 from the same image encoded the usual way.
+        x = torch.from_numpy(np.stack([images[j] for j in ok])).permute(0, 3, 1, 2).contiguous()
+        x = x.to(device=self.device, dtype=torch.float32)
+        x = (x / 127.5 - 1.0).to(getattr(torch, self.dtype))  # [-1, 1], as SDXL's VAE was trained
+        with torch.inference_mode():
+            dist = self.vae.encode(x).latent_dist
+            mean, std = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+        for n, j in enumerate(ok):
+            item = inputs[j]
+            # Contiguous copies: `mean` is a channel slice of the VAE's moments, and
+            # safetensors (0.8) writes a strided array's memory, not its values.
+            m16, s16 = np.ascontiguousarray(mean[n], np.float16), np.ascontiguousarray(std[n], np.float16)
+            if not (np.isfinite(m16).all() and np.isfinite(s16).all()):
+                out[j] = Failed("non-finite latent (VAE overflow, or out of float16 range)")
+                continue
+            meta = {"id": item.id, "bucket": item.bucket, "width": str(item.width), "height": str(item.height),
+                    "vae": self.vae_key, "dtype": self.dtype,
+                    "scaling_factor": repr(float(self.vae.config.scaling_factor))}
+            out[j] = tensor_bytes({"mean": m16, "std": s16}, meta)
+        return out
+
+
+def _load(item: LatentInput) -> np.ndarray | Failed:
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode != "RGB" or im.size != size:
-                raise ItemError(f"bucketed image {path} is {im.mode} {im.width}x{im.height}, "
-                                f"expected RGB {size[0]}x{size[1]}")
-            if im.size != encode:
-                im = im.resize(encode, Image.Resampling.LANCZOS)
-            return np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise ItemError(f"bucketed image {path} is unreadable ({e}); run the bucket stage again") from None
+        return load_image(item.image, (item.width, item.height))
+    except ItemError as e:
+        return Failed(str(e))
 
 
 def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
-            store_dir: Path = STORE, workers: int | None = None) -> Report:
-    """`workers` threads decode and resize a batch's PNGs; the VAE spreads itself over the cores."""
+            store_dir: Path = STORE, workers: int | None = None, params_file: Path = PARAMS_FILE) -> Report:
+    """`workers` threads decode and resize a batch's PNGs; the VAE spreads itself over the cores;
+    where it runs (this process or a Ray cluster) is params.yaml's `executor`."""
     p.validate()
-    import torch
-
     samples = [s for s in manifest.read_table(in_dir / "bucket.parquet", manifest.BUCKET).to_pylist()
                if s["split"] in p.splits]
     originals = {s["id"]: (s["width"], s["height"]) for s in
                  manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()}
     resolved = resolve(p.model, "latents.model", p.revision, allow_patterns=VAE_ALLOW)
     vkey = vae_key(resolved)
-    device = pick_device(p.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[p.dtype]
     store = Store(store_dir, ".safetensors")
 
     rows, upstream, by_id, work = [], {}, {}, []
@@ -174,53 +232,19 @@ def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
         by_id[s["id"]] = row | {"bucket_file": s["file"], "bucket_size": (s["width"], s["height"])}
         work.append((s["id"], key))
 
-    vae = None
-
-    def load(item_id: str) -> np.ndarray | ItemError:
+    def read_input(item_id: str) -> LatentInput:
         r = by_id[item_id]
-        try:
-            return load_image(BUCKET_STORE / r["bucket_file"], r["bucket_size"], (r["width"], r["height"]))
-        except ItemError as e:
-            return e
+        return LatentInput(item_id, r["bucket"], r["width"], r["height"],
+                           read_bucketed(BUCKET_STORE / r["bucket_file"], *r["bucket_size"]))
 
-    def compute_batch(batch: list[tuple[str, str]]) -> dict[str, str]:
-        nonlocal vae
-        if vae is None:  # loaded on the first missing item: a cached run never reads the weights
-            vae = sdxl.load_vae(resolved, "latents.model", dtype, device)
-        errors, ok, images = {}, [], []
-        for (item_id, key), img in zip(batch, pool.map(load, [i for i, _ in batch])):
-            if isinstance(img, ItemError):
-                errors[item_id] = str(img)
-            else:
-                images.append(img)
-                ok.append((item_id, key))
-        if not ok:
-            return errors
-        # NCHW contiguous: a permuted (channels-last) view takes another conv kernel on CPUs,
-        # whose latents differ by ~1e-2 from the same image encoded the usual way.
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        x = x.to(device=device, dtype=torch.float32)
-        x = (x / 127.5 - 1.0).to(dtype)  # [-1, 1], as SDXL's VAE was trained
-        with torch.inference_mode():
-            dist = vae.encode(x).latent_dist
-            mean, std = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
-        for j, (item_id, key) in enumerate(ok):
-            r = by_id[item_id]
-            # Contiguous copies: `mean` is a channel slice of the VAE's moments, and
-            # safetensors (0.8) writes a strided array's memory, not its values.
-            m16, s16 = np.ascontiguousarray(mean[j], np.float16), np.ascontiguousarray(std[j], np.float16)
-            if not (np.isfinite(m16).all() and np.isfinite(s16).all()):
-                errors[item_id] = "non-finite latent (VAE overflow, or out of float16 range)"
-                continue
-            meta = {"id": item_id, "bucket": r["bucket"], "width": str(r["width"]), "height": str(r["height"]),
-                    "vae": vkey, "dtype": p.dtype, "scaling_factor": repr(float(vae.config.scaling_factor))}
-            write_tensors(store, key, {"mean": m16, "std": s16}, meta)
-        return errors
-
-    # A fatal VAE problem fails every batch; run_batches then raises with the reason.
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        report = run_batches("latents", work, store, compute_batch, p.batch_size,
-                             group=lambda item_id: by_id[item_id]["bucket"])
+    # A fatal VAE problem (or a missing CUDA) raises in the worker's setup: one error for the stage.
+    with model_executor(params_file) as executor:
+        # The device is in no key (the dtype is), so a fully cached run asks no cluster for it.
+        missing = any(not store.has(k) for _, k in work)
+        device = executor.device() if p.device == "auto" and missing else p.device
+        worker = LatentWorker(resolved, vkey, p.dtype, device, workers or default_workers())
+        report = run_model("latents", work, store, worker, read_input, p.batch_size, executor=executor,
+                           group=lambda item_id: by_id[item_id]["bucket"])
 
     settle_rows(rows, upstream, report,
                 lambda rs: manifest.write_table(rs, SCHEMA, out_dir / "latents.parquet", sort_by="id"))

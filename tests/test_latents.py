@@ -175,3 +175,30 @@ def test_dvc_repro_latents_then_status_is_clean(tiny_repo):
     assert "up to date" in run([str(BIN / "dvc"), "status", "latents"], tiny_repo).stdout
     again = run([str(BIN / "dvc"), "repro", "latents"], tiny_repo).stdout
     assert "Running stage" not in again
+
+
+def test_worker_pickles_and_clean_runs_are_byte_identical(bucketed, vae_dir):
+    """The store's bytes depend on the inputs only: a second clean run, and a LatentWorker that
+    went through pickle (as to a Ray actor) before its setup, give the very same files."""
+    import pickle
+    import shutil
+
+    from tasks.core.images import read_bucketed
+
+    assert latents(params(vae_dir, batch_size=1), workers=2).computed == 6
+    store = Store(stage.STORE, ".safetensors")
+    first = {r["key"]: store.read_bytes(r["key"]) for r in rows()}
+    shutil.rmtree(stage.STORE)
+    assert latents(params(vae_dir, batch_size=1), workers=1).computed == 6
+    assert {r["key"]: store.read_bytes(r["key"]) for r in rows()} == first
+
+    resolved = resolve(str(vae_dir), "latents.model", allow_patterns=stage.VAE_ALLOW)
+    worker = pickle.loads(pickle.dumps(
+        stage.LatentWorker(resolved, stage.vae_key(resolved), "float32", "cpu", 1)))
+    worker.setup()
+    src = {s["id"]: s for s in manifest.read_table(M / "bucket.parquet", manifest.BUCKET).to_pylist()}
+    r = rows()[0]
+    s = src[r["id"]]
+    item = stage.LatentInput(r["id"], r["bucket"], r["width"], r["height"],
+                             read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"]))
+    assert worker.run([item]) == [first[r["key"]]]
