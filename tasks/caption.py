@@ -34,7 +34,7 @@ import pyarrow as pa
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.core import manifest
 from tasks.core.executors import model_executor
-from tasks.core.images import BucketedImage, read_bucketed
+from tasks.core.images import BucketedImage, read_bucketed, why
 from tasks.core.params import PARAMS_FILE
 from tasks.core.runner import run_model
 from tasks.core.stage import Report, stage_main
@@ -315,7 +315,7 @@ class GemmaWorker(CaptionWorker):
                 pil.append(_pil(img))
                 out.append(b"")
             except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-                out.append(Failed(f"cannot read the bucketed image {img.path}: {e}"))
+                out.append(Failed(f"cannot read the bucketed image {img.path}: {why(e)}"))
         ok = [j for j, r in enumerate(out) if not isinstance(r, Failed)]
         if ok:
             gens = self.captioner.caption(pil, p.instruction, p.max_new_tokens, p.temperature, p.top_p, p.top_k,

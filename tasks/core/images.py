@@ -128,8 +128,16 @@ def decode_bucketed(img: BucketedImage) -> np.ndarray:
             im.load()
             mode, size, arr = im.mode, im.size, np.asarray(im)
     except (OSError, ValueError) as e:
-        raise ItemError(f"bucketed image {img.path} is unreadable ({e}); run the bucket stage again") from None
+        raise ItemError(f"bucketed image {img.path} is unreadable ({why(e)}); run the bucket stage again") from None
     if mode != "RGB" or size != (img.width, img.height):
         raise ItemError(f"bucketed image {img.path} is {mode} {size[0]}x{size[1]}, "
                         f"expected RGB {img.width}x{img.height}")
     return arr
+
+
+def why(e: Exception) -> str:
+    # PIL names the buffer it could not identify (`<_io.BytesIO object at 0x...>`): an address
+    # differs from process to process, and the reason must read the same wherever it was made.
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    return str(e)

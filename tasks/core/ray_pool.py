@@ -88,7 +88,9 @@ class RayModels:
         self._connected = False
         self._disconnect = False  # we called ray.init, so we call ray.shutdown
         self._shape: tuple[int, float, float] | None = None  # actors, gpus each, cpus each
-        self.pids: list[int] = []  # of the live actors' processes (for logs and tests)
+        self.pids: list[int] = []  # of the first actors' processes (for logs)
+        self.sent = 0  # items sent to the cluster by the last run, retries not counted
+        self.retried = 0  # items sent again after their worker died
 
     def __enter__(self) -> "RayModels":
         return self
@@ -115,7 +117,7 @@ class RayModels:
         # The driver's own code, as folders: every node imports exactly what the driver runs.
         root = Path(__file__).resolve().parents[2]
         env = {"py_modules": [str(root / "tasks"), str(root / "models")],
-               "excludes": ["__pycache__", "*.pyc"]}
+               "excludes": ["__pycache__", "*.pyc", "tiny/"]}  # models/tiny/: built test weights
         t0 = time.perf_counter()
         if address == "local":
             ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False)
@@ -194,12 +196,16 @@ class RayModels:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         n, gpa, cpa = self.shape()
+        self.sent = self.retried = 0
         cls = ray.remote(num_cpus=cpa, num_gpus=gpa, max_restarts=0)(_Host)
+        t0 = time.perf_counter()
         actors = [cls.remote(worker) for _ in range(n)]
         try:
             infos = ray.get([a.setup.remote() for a in actors])
         except RayTaskError as e:
             raise SetupError(f"a Ray worker could not load its model: {e.cause}") from None
+        log.info("ray: %d actors ready in %.1f s (process start, imports, model load)", n,
+                 time.perf_counter() - t0)
         for i in infos:
             log.info("ray: actor pid %s on %s%s%s", i["pid"], i["node"],
                      f" GPU {i['gpus']}" if i["gpus"] else "", f": {i['info']}" if i["info"] else "")
@@ -222,6 +228,7 @@ class RayModels:
                 return None
             b, next_batch = next_batch, next_batch + 1
             inputs = inputs_of(b)
+            self.sent += len(inputs)
             refs[b] = ray.put(inputs)
             results[b] = [None] * len(inputs)
             outstanding[b] = len(inputs)
@@ -245,6 +252,8 @@ class RayModels:
             if not in_flight:
                 if queue or next_batch < n_batches:
                     raise RuntimeError("ray: no live actors left to compute on")
+                log.info("ray: %d items in %d batches sent to %d actors; %d sent again after a worker "
+                         "died, %d actors replaced", self.sent, n_batches, n, self.retried, restarts)
                 return
             try:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -265,6 +274,7 @@ class RayModels:
                         raise RuntimeError(f"ray: every actor died and executor.max_restarts="
                                            f"{self.p.max_restarts} replacements are used up; last: {e}") from None
                 job.deaths += 1
+                self.retried += len(job.positions)
                 if job.deaths < DEATHS_BEFORE_SPLIT:
                     queue.appendleft(job)
                 elif len(job.positions) > 1:

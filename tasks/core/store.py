@@ -151,7 +151,23 @@ def tensor_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes
     # safetensors (numpy) writes a non-contiguous array in memory order without a word: values
     # come back scrambled. Contiguous copies first.
     arrays = {k: np.asarray(v).copy(order="C") for k, v in tensors.items()}  # (keeps 0-d arrays 0-d)
-    return save(arrays, metadata=metadata)
+    return _sorted_metadata(save(arrays, metadata=metadata))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The same file with its metadata in key order. safetensors writes `__metadata__` from a
+    Rust HashMap, whose order changes from process to process: without this, one item computed
+    twice (here and in a Ray worker, or in two runs) gives two different files."""
+    import struct
+
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" not in header:
+        return blob
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def write_tensors(store: Store, key: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:

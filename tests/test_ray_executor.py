@@ -1,0 +1,192 @@
+"""Model stages on a real Ray cluster (`ray start --head` on 127.0.0.1, 2 CPUs, started here):
+the stores equal the local executor's byte for byte, only missing keys travel, a worker killed
+with SIGKILL costs nothing but time, and an address where nothing answers is a clear error."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from models.hub import SetupError
+from tasks.bucket import STORE as BUCKET_STORE
+from tasks.bucket import BucketParams, bucket
+from tasks.caption import CaptionParams, caption
+from tasks.core.executors import RAY_ADDRESS_ENV
+from tasks.core.store import Store
+from tasks.embed_image import EmbedImageParams, embed_image
+from tasks.embed_text import EmbedTextParams, embed_text
+from tasks.ingest import IngestParams, ingest
+from tasks.sample.__main__ import make_sample
+from tests.conftest import BIN, _free_port
+
+pytestmark = pytest.mark.slow
+
+SMALL = BucketParams(buckets=((256, 256), (320, 192), (192, 320)))
+M = Path("data/manifest")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real head node on loopback, as a user's `ray start --head` (ENVIRONMENT.md: single-
+    machine mode keeps every port on 127.0.0.1); its address for NICHE_RAY_ADDRESS."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+           f"--temp-dir={temp}"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def on_ray(ray_cluster, monkeypatch):
+    def switch(on: bool) -> None:
+        if on:
+            monkeypatch.setenv(RAY_ADDRESS_ENV, ray_cluster)
+        else:
+            monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    return switch
+
+
+@pytest.fixture
+def dataset(chdir, tiny_models) -> Path:
+    make_sample(Path("data/raw"), figures=6, photos=False, bad_examples=False)
+    ingest(IngestParams(), workers=2)
+    bucket(SMALL, workers=2)
+    return chdir
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def stages(models: Path, tag: str) -> dict[str, object]:
+    """caption -> embed_text, and embed_image, into stores and manifests named by `tag`."""
+    out = Path(f"out-{tag}")
+    out.mkdir(exist_ok=True)
+    shutil.copy(M / "bucket.parquet", out / "bucket.parquet")
+    shutil.copy(M / "ingest.parquet", out / "ingest.parquet")
+    reports = {
+        "caption": caption(CaptionParams(model=str(models / "gemma3"), max_new_tokens=8, batch_size=2),
+                           in_dir=out, out_dir=out, store_dir=Path(f"caption-{tag}")),
+        "embed_text": embed_text(EmbedTextParams(model=str(models / "t5"), batch_size=2), in_dir=out,
+                                 out_dir=out, store_dir=Path(f"text-{tag}")),
+        "embed_image": embed_image(EmbedImageParams(model=str(models / "dinov3"), batch_size=1), in_dir=out,
+                                   out_dir=out, store_dir=Path(f"image-{tag}"), workers=1),
+    }
+    return reports
+
+
+def sent(caplog) -> list[int]:
+    """Items each Ray run sent, from the executor's own closing line."""
+    return [int(m.group(1)) for r in caplog.records
+            if (m := re.match(r"ray: (\d+) items in \d+ batches sent", r.getMessage()))]
+
+
+def test_ray_stores_equal_local_byte_for_byte_and_only_missing_keys_travel(dataset, tiny_models, on_ray,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="niche")
+    on_ray(False)
+    local = stages(tiny_models, "local")
+    on_ray(True)
+    remote = stages(tiny_models, "ray")
+    assert sent(caplog) == [6, 6, 6]  # every key of each stage went through Ray, once
+    for name in local:
+        assert (remote[name].computed, remote[name].failed) == (local[name].computed, local[name].failed) == (6, 0)
+    for a, b in (("caption-local", "caption-ray"), ("text-local", "text-ray"), ("image-local", "image-ray")):
+        assert files(Path(a)) == files(Path(b)) and len(files(Path(a))) == 6, a
+    for table in ("caption", "embed_text", "embed_image"):
+        assert (pq.read_table(f"out-local/{table}.parquet").to_pylist()
+                == pq.read_table(f"out-ray/{table}.parquet").to_pylist())
+
+    # Three more images: exactly their keys go to Ray, stage by stage.
+    make_sample(Path("data/raw"), figures=3, photos=False, bad_examples=False, start=6)
+    ingest(IngestParams(), workers=2)
+    bucket(SMALL, workers=2)
+    caplog.clear()
+    again = stages(tiny_models, "ray")
+    assert sent(caplog) == [3, 3, 3]
+    assert all((r.total, r.computed, r.reused) == (9, 3, 6) for r in again.values())
+
+
+def test_a_worker_killed_mid_stage_costs_only_time(dataset, tiny_models, on_ray, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="niche")
+    params = EmbedImageParams(model=str(tiny_models / "dinov3"), batch_size=1)
+    on_ray(False)
+    embed_image(params, store_dir=Path("clean"), out_dir=Path("."), workers=1)
+
+    # After the second item lands, SIGKILL one of the actors: its batches in flight are lost.
+    write = Store.write_bytes
+    killed: list[int] = []
+
+    def write_and_kill(self, key, data):
+        path = write(self, key, data)
+        if not killed and len(files(self.root)) == 2:
+            pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_actor(p)]
+            assert pids, "no Ray actor process found"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+        return path
+
+    monkeypatch.setattr(Store, "write_bytes", write_and_kill)
+    on_ray(True)
+    report = embed_image(params, store_dir=Path("killed"), out_dir=Path("."), workers=1)
+    assert killed and (report.computed, report.failed) == (6, 0)
+    assert any("an actor died" in r.getMessage() for r in caplog.records)
+    assert not [p for p in Path("killed").rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert files(Path("killed")) == files(Path("clean"))
+
+
+def _is_actor(proc: Path) -> bool:
+    try:
+        return (proc / "cmdline").read_bytes().startswith(b"ray::_Host")
+    except OSError:
+        return False
+
+
+def test_a_bad_image_fails_alone_with_the_local_reason(dataset, tiny_models, on_ray):
+    rows = pq.read_table(M / "bucket.parquet").to_pylist()
+    broken = next(r for r in rows if r["split"] == "train")
+    target = BUCKET_STORE / broken["file"]
+    target.unlink()  # a new file, not a write into the old one (the store is write-once)
+    target.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    params = EmbedImageParams(model=str(tiny_models / "dinov3"), batch_size=2)
+    reasons = {}
+    for on in (False, True):
+        on_ray(on)
+        out = Path(f"out-{on}")
+        out.mkdir()
+        shutil.copy(M / "bucket.parquet", out / "bucket.parquet")
+        report = embed_image(params, in_dir=out, out_dir=out, store_dir=Path(f"store-{on}"), workers=1)
+        assert (report.computed, report.failed) == (len(rows) - 1, 1)
+        reasons[on] = report.failures
+    assert reasons[True] == reasons[False]
+    assert str(target) in reasons[True][broken["id"]] and "unreadable" in reasons[True][broken["id"]]
+
+
+def test_an_address_where_nothing_answers_is_a_clear_error_and_writes_nothing(dataset, tiny_models,
+                                                                              monkeypatch):
+    port = _free_port()  # nothing listens there
+    monkeypatch.setenv(RAY_ADDRESS_ENV, f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(SetupError, match=rf"127\.0\.0\.1:{port}.*no Ray cluster answers"):
+        embed_image(EmbedImageParams(model=str(tiny_models / "dinov3")), store_dir=Path("never"),
+                    out_dir=Path("nothing"))
+    assert time.monotonic() - t0 < 60
+    assert not Path("never").exists() and not Path("nothing").exists()
