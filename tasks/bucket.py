@@ -9,24 +9,29 @@ bucket list: adding a bucket recomputes only the images that move to it.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 
 from tasks.core import manifest
+from tasks.core.executors import model_executor
 from tasks.core.images import decode
-from tasks.core.runner import run_items
+from tasks.core.params import PARAMS_FILE
+from tasks.core.runner import run_items, run_model
 from tasks.core.stage import ItemError, Report, stage_main
 from tasks.core.store import Store, item_key
+from tasks.core.workers import Failed, Result, Worker
 
 VERSION = 1  # bump when the pixels written for the same key would change
 STORE = Path("data/derived/bucket")
 # Level 1 is ~5x faster than 6 and the files are only a little larger; the
 # level does not change pixels, so it is not part of the key.
 PNG_LEVEL = 1
+RAY_BATCH = 16  # raw images per batch sent to a Ray actor (CPU work: batches only save round trips)
 
 FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
@@ -83,8 +88,69 @@ def render(image: Image.Image, bw: int, bh: int, resample: str) -> Image.Image:
     return image.resize((bw, bh), FILTERS[resample], box=box)
 
 
+@dataclass(frozen=True)
+class RawImage:
+    """One sample's original file as it travels to a worker: its bytes (read and checked against
+    the content id on the driver), its path for messages, its size (ingest's) and its bucket."""
+
+    path: str
+    data: bytes
+    width: int
+    height: int
+    bucket_w: int
+    bucket_h: int
+
+
+def read_raw(path: Path, item_id: str) -> bytes:
+    """The original file's bytes, the very ones ingest hashed into `item_id`; else ItemError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ItemError(f"{path} is missing since ingest; run ingest again") from None
+    except OSError as e:
+        raise ItemError(f"{path} is unreadable ({e})") from None
+    if hashlib.sha256(data).hexdigest() != item_id:
+        raise ItemError(f"{path} changed since ingest (sha256 differs); run ingest again")
+    return data
+
+
+def bucket_png(raw: RawImage, resample: str) -> bytes:
+    """The bucketed PNG file's bytes: one function for every executor, so the bytes are equal."""
+    # Ingest checked these very bytes against its pixel limit.
+    img = decode(raw.data, max_pixels=raw.width * raw.height).image
+    out = render(img, raw.bucket_w, raw.bucket_h, resample)
+    buf = io.BytesIO()
+    out.save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+class BucketWorker(Worker):
+    """bucket's per-item work for a Ray actor: raw file bytes in, PNG bytes out. No model."""
+
+    def __init__(self, resample: str):
+        self.resample = resample
+
+    def run(self, inputs: list[RawImage]) -> list[Result]:
+        out: list[Result] = []
+        for raw in inputs:
+            try:
+                out.append(bucket_png(raw, self.resample))
+            except Exception as e:  # noqa: BLE001 — per item, worded as run_items words it
+                out.append(Failed(str(e) if isinstance(e, ItemError) else f"{type(e).__name__}: {e}"))
+        return out
+
+
+def cpu_actors(executor):
+    """bucket holds no GPU: on Ray, actors left to take a GPU each (gpus_per_actor auto) take none,
+    which gives one actor per executor.cpus_per_actor CPUs."""
+    if getattr(executor, "p", None) is not None and executor.p.gpus_per_actor is None:
+        executor.p = replace(executor.p, gpus_per_actor=0.0)
+    return executor
+
+
 def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
-           store_dir: Path = STORE, workers: int | None = None) -> Report:
+           store_dir: Path = STORE, workers: int | None = None, params_file: Path = PARAMS_FILE) -> Report:
+    """`workers` threads here; with params.yaml's `executor` on Ray, actors on the cluster instead."""
     # Every split, rejects included: the SDXL latents stage needs them for the negative LoRA.
     samples = manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()
     store = Store(store_dir, ".png")
@@ -98,17 +164,19 @@ def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path 
         rows.append(dict(id=s["id"], split=s["split"], bucket=f"{bw}x{bh}", width=bw, height=bh,
                          scale=scale, left=left, top=top, key=key, file=store.relpath(key), error=None))
 
-    def compute(item_id: str, key: str) -> None:
+    def read_input(item_id: str) -> RawImage:
         s, bw, bh = by_id[item_id]
-        data = Path(s["path"]).read_bytes()
-        if hashlib.sha256(data).hexdigest() != item_id:
-            raise ItemError(f"{s['path']} changed since ingest (sha256 differs); run ingest again")
-        # Ingest checked these very bytes against its pixel limit.
-        img = decode(data, max_pixels=s["width"] * s["height"]).image
-        out = render(img, bw, bh, p.resample)
-        store.write(key, lambda t: out.save(t, format="PNG", compress_level=PNG_LEVEL))
+        return RawImage(s["path"], read_raw(Path(s["path"]), item_id), s["width"], s["height"], bw, bh)
 
-    report = run_items("bucket", work, store, compute, workers)
+    def compute(item_id: str, key: str) -> None:
+        store.write_bytes(key, bucket_png(read_input(item_id), p.resample))
+
+    with model_executor(params_file) as executor:
+        if executor.name == "ray":
+            report = run_model("bucket", work, store, BucketWorker(p.resample), read_input, RAY_BATCH,
+                               executor=cpu_actors(executor))
+        else:
+            report = run_items("bucket", work, store, compute, workers)
     for r in rows:
         if r["id"] in report.failures:
             r.update(key=None, file=None, error=report.failures[r["id"]])

@@ -137,3 +137,45 @@ def test_crop_box_never_leaves_the_image_through_float_error():
     assert left >= 0 and top >= 0
     out = render(Image.new("RGB", (832, 1216), "white"), 240, 272, "lanczos")
     assert out.size == (240, 272)
+
+
+def test_worker_path_gives_the_bytes_of_the_thread_path(ingested, monkeypatch):
+    """On Ray, bucket's items go through run_model and a BucketWorker (raw bytes read on the
+    driver, PNG bytes back): the store must be byte-identical to the threads' — checked here with
+    the worker in this process — and the worker must pickle before its setup, as for an actor."""
+    import pickle
+    import shutil
+
+    import tasks.bucket as stage
+    from tasks.core.stage import ItemError
+    from tasks.core.workers import Failed, LocalModels
+
+    def store_bytes():
+        return {r["key"]: (STORE / r["file"]).read_bytes() for r in _rows() if r["error"] is None}
+
+    assert bucket(BucketParams(), workers=2).failed == 0
+    threads = store_bytes()
+    shutil.rmtree(STORE)
+
+    class InProcess(LocalModels):
+        name = "ray"  # what bucket checks: the run_model path, without a cluster
+
+    monkeypatch.setattr(stage, "model_executor", lambda params_file: InProcess())
+    report = bucket(BucketParams(), workers=2)
+    assert (report.computed, report.failed) == (len(threads), 0)
+    assert store_bytes() == threads
+
+    worker = pickle.loads(pickle.dumps(stage.BucketWorker("lanczos")))
+    worker.setup()
+    src = {s["id"]: s for s in pq.read_table(M / "ingest.parquet").to_pylist()}
+    rows = _rows()
+    raws = [stage.RawImage(src[r["id"]]["path"], stage.read_raw(Path(src[r["id"]]["path"]), r["id"]),
+                           src[r["id"]]["width"], src[r["id"]]["height"], r["width"], r["height"]) for r in rows]
+    bad = stage.RawImage("x.png", b"not an image", 10, 10, 256, 256)
+    out = worker.run(raws[:2] + [bad])
+    assert out[:2] == [threads[r["key"]] for r in rows[:2]]
+    assert out[2] == Failed("ImageRejected: not_image: not a recognised image format")
+    with pytest.raises(ItemError, match="nowhere.png is missing"):
+        stage.read_raw(Path("nowhere.png"), "0" * 64)
+    with pytest.raises(ItemError, match="changed since ingest"):
+        stage.read_raw(Path(raws[0].path), "0" * 64)
