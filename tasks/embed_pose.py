@@ -26,7 +26,7 @@ from models.hub import ResolvedModel, SetupError
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.core import manifest
 from tasks.core.executors import default_workers, model_executor
-from tasks.core.images import BucketedImage, read_bucketed
+from tasks.core.images import BucketedImage, read_bucketed, why
 from tasks.core.params import PARAMS_FILE
 from tasks.core.runner import run_model
 from tasks.core.stage import Report, stage_main
@@ -146,7 +146,7 @@ def _open(img: BucketedImage) -> Image.Image | Failed:
         with Image.open(io.BytesIO(img.data)) as f:
             im = f.convert("RGB")
     except (OSError, ValueError) as e:
-        return Failed(f"bucketed image {img.path} unreadable: {e}")
+        return Failed(f"bucketed image {img.path} unreadable: {why(e)}")
     if im.size != (img.width, img.height):
         return Failed(f"bucketed image {img.path} is {im.width}x{im.height}, "
                       f"the manifest says {img.width}x{img.height}; run bucket again")
