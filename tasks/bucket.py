@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -140,14 +140,6 @@ class BucketWorker(Worker):
         return out
 
 
-def cpu_actors(executor):
-    """bucket holds no GPU: on Ray, actors left to take a GPU each (gpus_per_actor auto) take none,
-    which gives one actor per executor.cpus_per_actor CPUs."""
-    if getattr(executor, "p", None) is not None and executor.p.gpus_per_actor is None:
-        executor.p = replace(executor.p, gpus_per_actor=0.0)
-    return executor
-
-
 def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = manifest.MANIFEST_DIR,
            store_dir: Path = STORE, workers: int | None = None, params_file: Path = PARAMS_FILE) -> Report:
     """`workers` threads here; with params.yaml's `executor` on Ray, actors on the cluster instead."""
@@ -171,10 +163,11 @@ def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path 
     def compute(item_id: str, key: str) -> None:
         store.write_bytes(key, bucket_png(read_input(item_id), p.resample))
 
-    with model_executor(params_file) as executor:
+    # bucket holds no GPU: on Ray its actors take CPUs only, unless gpus_per_actor says otherwise.
+    with model_executor(params_file, gpu=False) as executor:
         if executor.name == "ray":
             report = run_model("bucket", work, store, BucketWorker(p.resample), read_input, RAY_BATCH,
-                               executor=cpu_actors(executor))
+                               executor=executor)
         else:
             report = run_items("bucket", work, store, compute, workers)
     for r in rows:

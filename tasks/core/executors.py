@@ -121,9 +121,12 @@ def executor_params(params_path: Path | str = PARAMS_FILE) -> ExecutorParams:
     return p
 
 
-def model_executor(params_path: Path | str = PARAMS_FILE):
-    """The executor a model stage runs its workers on: LocalModels or RayModels."""
+def model_executor(params_path: Path | str = PARAMS_FILE, gpu: bool = True):
+    """The executor a model stage runs its workers on: LocalModels or RayModels. `gpu=False`: the
+    work never uses a GPU (bucket), so actors left to take one each (gpus_per_actor auto) take none."""
     p = executor_params(params_path)
+    if not gpu and p.gpus_per_actor is None:
+        p = replace(p, gpus_per_actor=0.0)
     if p.kind == "ray":
         from tasks.core.ray_pool import RayModels
 
