@@ -3,7 +3,8 @@ import pytest
 from tasks.core.runner import run_items
 
 from tasks.core.stage import ItemError
-from tasks.core.store import Store, atomic_write, item_key
+from tasks.core.store import Store, atomic_write, item_key, tensor_bytes
+from tasks.core.workers import Worker
 
 
 def test_item_key_changes_with_every_field_and_ignores_dict_order():
@@ -68,35 +69,54 @@ def test_stale_temporaries_are_removed_and_never_listed(tmp_path):
     assert store.remove_stale_temps() == 1 and not tmp.exists()
 
 
-def test_run_batches_groups_orders_and_isolates_a_bad_item(tmp_path):
-    import numpy as np
+class _Lengths(Worker):
+    """A model stand-in with the Worker contract: item id in, safetensors bytes out."""
 
-    from tasks.core.runner import run_batches
-    from tasks.core.store import read_tensors, write_tensors
+    def __init__(self, lengths: dict[str, int]):
+        self.lengths, self.seen, self.ready = lengths, [], False
 
-    store = Store(tmp_path / "s", ".safetensors")
-    lengths = {"a": 5, "b": 1, "c": 3, "bad": 2, "d": 4}
-    seen_batches = []
+    def setup(self) -> str:
+        self.ready = True
+        return ""
 
-    def compute(batch):
-        ids = [i for i, _ in batch]
-        seen_batches.append(ids)
+    def run(self, ids):
+        assert self.ready
+        self.seen.append(list(ids))
         if "bad" in ids:
             raise ValueError("cannot encode")
-        for i, k in batch:
-            write_tensors(store, k, {"x": np.full(lengths[i], 1, np.float16)}, {"len": str(lengths[i])})
+        import numpy as np
+
+        return [tensor_bytes({"x": np.full(self.lengths[i], 1, np.float16)}, {"len": str(self.lengths[i])})
+                for i in ids]
+
+
+def test_run_model_groups_orders_isolates_a_bad_item_and_writes_every_result(tmp_path):
+    from tasks.core.runner import run_model
+    from tasks.core.store import read_tensors
+
+    store = Store(tmp_path / "s", ".safetensors")
+    lengths = {"a": 5, "b": 1, "c": 3, "bad": 2, "d": 4, "gone": 7}
+    worker = _Lengths(lengths)
+
+    def read_input(item_id):
+        if item_id == "gone":  # the driver cannot read it: it never reaches the worker
+            raise ItemError("input gone")
+        return item_id
 
     work = [(i, item_key("t", 1, [i], {})) for i in lengths]
-    r = run_batches("t", work, store, compute, batch_size=2,
-                    group=lambda i: lengths[i] % 2, order=lambda i: lengths[i])
-    assert (r.computed, r.failed) == (4, 1) and set(r.failures) == {"bad"}
-    # Odd lengths together, sorted: [b, c], [a]; even: [bad, d] fails, then alone.
-    assert seen_batches[:3] == [["b", "c"], ["a"], ["bad", "d"]]
-    assert ["bad"] in seen_batches and ["d"] in seen_batches
+    r = run_model("t", work, store, worker, read_input, batch_size=2,
+                  group=lambda i: lengths[i] % 2, order=lambda i: lengths[i])
+    assert (r.computed, r.failed) == (4, 2) and r.failures == {"bad": "ValueError: cannot encode",
+                                                               "gone": "input gone"}
+    # Odd lengths together, sorted: [b, c], [a] ([a, gone] without gone); even: [bad, d] fails,
+    # then each alone.
+    assert worker.seen == [["b", "c"], ["a"], ["bad", "d"], ["bad"], ["d"]]
     arrays, meta = read_tensors(store, dict(work)["a"])
     assert arrays["x"].shape == (5,) and meta == {"len": "5"}
-    again = run_batches("t", work, store, compute, batch_size=2)
-    assert (again.computed, again.reused, again.failed) == (0, 4, 1)
+    with pytest.raises(RuntimeError, match="all 2 items failed"):  # only the two bad ones left
+        run_model("t", work, store, worker, read_input, batch_size=2)
+    done, worker.ready = [(i, k) for i, k in work if i not in ("bad", "gone")], False
+    assert run_model("t", done, store, worker, read_input, 2).reused == 4 and not worker.ready  # never set up
 
 
 def test_the_runner_picks_the_executor_and_every_executor_gives_the_same_result(tmp_path, monkeypatch):
@@ -106,11 +126,9 @@ def test_the_runner_picks_the_executor_and_every_executor_gives_the_same_result(
 
     from models.hub import SetupError
     from tasks.core.executors import InlineExecutor, ThreadExecutor, executor_for
-    from tasks.core.runner import run_batches
 
     monkeypatch.delenv("NICHE_EXECUTOR", raising=False)
     assert isinstance(executor_for("items", 3), ThreadExecutor) and executor_for("items", 3).workers == 3
-    assert isinstance(executor_for("batches"), InlineExecutor)
     monkeypatch.setenv("NICHE_EXECUTOR", "inline")
     assert isinstance(executor_for("items"), InlineExecutor)
     monkeypatch.setenv("NICHE_EXECUTOR", "warp-drive")
@@ -135,16 +153,6 @@ def test_the_runner_picks_the_executor_and_every_executor_gives_the_same_result(
     assert threads["inline"] == {threading.get_ident()}
     assert [(r.computed, r.failed, r.failures) for r in reports.values()] == [(11, 1, {"i7": "unreadable"})] * 2
 
-    monkeypatch.delenv("NICHE_EXECUTOR")
-    batch_threads = set()
-
-    def compute_batch(batch):
-        batch_threads.add(threading.get_ident())
-        for _, k in batch:
-            Store(tmp_path / "b", ".txt").write_bytes(k, b"x")
-
-    r = run_batches("t", work, Store(tmp_path / "b", ".txt"), compute_batch, batch_size=5)
-    assert r.computed == 12 and batch_threads == {threading.get_ident()}  # a model batch at a time, here
 
 
 def test_a_store_marks_its_root_once_before_its_first_write_and_keeps_a_right_marker(tmp_path):

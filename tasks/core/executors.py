@@ -1,19 +1,15 @@
-"""Executors: how the stage runner (tasks/core/runner.py) spreads a stage's missing work.
+"""Executors: how the stage runners (tasks/core/runner.py) spread a stage's missing work.
 
-An executor maps a function over a list and yields the results in the list's order, while
-the runner keeps everything else (what is missing, failures per item, counts, the progress
-bar). The stage never picks one: the runner does, by the kind of work —
+Per-item work (ingest's probe, bucket's resize) goes through an `Executor`: it maps a function
+over a list and yields the results in the list's order, while the runner keeps everything else
+(what is missing, failures per item, counts, the progress bar). Threads by default
+($NICHE_WORKERS or all cores); $NICHE_EXECUTOR=inline runs one item after another.
 
-    items     per-item work (ingest's probe, bucket's resize): threads, $NICHE_WORKERS or all cores
-    batches   model batches: one after another in this process, since the model already spreads
-              itself over the cores or the GPU
-
-— and $NICHE_EXECUTOR overrides both (`threads` or `inline`).
-
-Model stages (caption, embed_*, latents) run their missing keys through a model executor
-instead (`model_executor`, params.yaml's `executor` section): `local` (tasks/core/workers.py,
-this process) or `ray` (tasks/core/ray_pool.py, a pool of actors on a Ray cluster, one per GPU).
-The executor's settings never enter a key: switching executors recomputes nothing.
+Model stages (caption, embed_text, embed_image, embed_pose, latents; bucket too on Ray) run
+their missing keys through a model executor instead (`model_executor`, params.yaml's
+`executor` section, or $NICHE_RAY_ADDRESS): `local` (tasks/core/workers.py, this process) or
+`ray` (tasks/core/ray_pool.py, a pool of actors on a Ray cluster, one per GPU). The executor's
+settings never enter a key: switching executors recomputes nothing.
 """
 from __future__ import annotations
 
@@ -93,16 +89,15 @@ EXECUTORS: dict[str, Callable[[int | None], Executor]] = {
     "inline": lambda workers: InlineExecutor(),
     "threads": lambda workers: ThreadExecutor(workers),
 }
-DEFAULTS = {"items": "threads", "batches": "inline"}
 
 
 def default_workers() -> int:
     return int(os.environ.get(WORKERS_ENV, 0)) or (os.cpu_count() or 1)
 
 
-def executor_for(kind: Literal["items", "batches"], workers: int | None = None) -> Executor:
-    """The executor for a kind of work: $NICHE_EXECUTOR when set, else the kind's default."""
-    name = os.environ.get(EXECUTOR_ENV) or DEFAULTS[kind]
+def executor_for(kind: Literal["items"], workers: int | None = None) -> Executor:
+    """The executor for per-item work: $NICHE_EXECUTOR when set, else threads."""
+    name = os.environ.get(EXECUTOR_ENV) or "threads"
     if name not in EXECUTORS:
         raise SetupError(f"${EXECUTOR_ENV}={name!r}: expected one of {', '.join(sorted(EXECUTORS))}")
     return EXECUTORS[name](workers)

@@ -1,13 +1,12 @@
-"""The per-item loop every stage runs: skip what the store has, compute the rest, report.
+"""The per-item loops every stage runs: skip what the store has, compute the rest, report.
 
-A stage hands `run_items` its work as (item id, key) pairs and a function that computes one
-missing key; `run_batches` does the same for models, in batches. The loop skips keys already
-in the store, turns a failing item into a listed failure instead of a crash, shows a progress
-bar on a terminal, and returns the counts the stage writes as its DVC metrics.
-
-How the missing work is spread is the executor's business (tasks/core/executors.py), chosen
-here, not by the stage: threads for per-item work, one batch after another for models (the
-model spreads itself over the cores or the GPU), or what $NICHE_EXECUTOR names.
+`run_items` takes a stage's work as (item id, key) pairs and a function that computes one
+missing key (ingest's probe, bucket's resize: threads, tasks/core/executors.py). `run_model`
+does the same for models: the driver forms the batches, reads each item's input and writes
+every result; a Worker (tasks/core/workers.py) turns batches of inputs into bytes on the
+executor params.yaml names (this process, or actors on a Ray cluster). Both skip keys already
+in the store, turn a failing item into a listed failure instead of a crash, show a progress bar
+on a terminal, and return the counts the stage writes as its DVC metrics.
 """
 from __future__ import annotations
 
@@ -100,72 +99,6 @@ def settle_rows(rows: list[dict], upstream: dict[str, str], report: Report,
     report.total = len(rows)
     report.failures = {**upstream, **report.failures}
     report.failed = len(report.failures)
-
-
-def run_batches(
-    stage: str,
-    work: Iterable[tuple[str, str]],
-    store: Store,
-    compute_batch: Callable[[list[tuple[str, str]]], dict[str, str] | None],
-    batch_size: int,
-    group: Callable[[str], object] | None = None,
-    order: Callable[[str], object] | None = None,
-    executor: Executor | None = None,
-) -> Report:
-    """Like run_items, for models: missing keys go to `compute_batch` in batches.
-
-    `group(item_id)` keeps items that cannot share a batch apart (images of
-    different buckets); `order(item_id)` sorts within a group (text by length,
-    so padding stays small). `compute_batch` writes each item and returns
-    {item id: reason} for items it could not do. If a whole batch raises, its
-    items are retried one by one, so one bad input fails alone. By default batches run one
-    after another (executor_for("batches")): the model uses the cores (or the GPU) itself.
-    """
-    t0 = time.perf_counter()
-    work = list(work)
-    report = Report(stage=stage, total=len(work))
-    store.remove_stale_temps()
-    todo = [(i, k) for i, k in work if not store.has(k)]
-    report.reused = len(work) - len(todo)
-    groups: dict[object, list[tuple[str, str]]] = {}
-    for pair in todo:
-        groups.setdefault(group(pair[0]) if group else None, []).append(pair)
-    batches = []
-    for items in groups.values():
-        if order:
-            items.sort(key=lambda p: order(p[0]))
-        batches += [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-
-    def attempt(batch: list[tuple[str, str]]) -> dict[str, str]:
-        try:
-            return compute_batch(batch) or {}
-        except Exception as e:  # noqa: BLE001 — isolated below, reported per item
-            if len(batch) == 1:
-                return {batch[0][0]: f"{type(e).__name__}: {e}"}
-            log.warning("%s: a batch of %d failed (%s: %s); retrying its items one by one",
-                        stage, len(batch), type(e).__name__, e)
-            errors: dict[str, str] = {}
-            for pair in batch:
-                errors.update(attempt([pair]))
-            return errors
-
-    bar = tqdm(total=len(todo), desc=stage, unit="item", disable=None, leave=False)
-    with (executor or executor_for("batches")) as ex:
-        for batch, errors in zip(batches, ex.map(attempt, batches)):
-            _settle_batch(stage, report, batch, errors)
-            bar.update(len(batch))
-    bar.close()
-    return _finish(report, len(todo), t0)
-
-
-def _settle_batch(stage: str, report: Report, batch: list[tuple[str, str]], errors: dict[str, str]) -> None:
-    for item_id, err in errors.items():
-        report.failures[item_id] = err
-        log.warning("%s: %s failed: %s", stage, item_id, err)
-    report.failed += len(errors)
-    report.computed += len(batch) - len(errors)
-
-
 
 
 def run_model(
