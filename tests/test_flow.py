@@ -119,6 +119,12 @@ def test_deployment_runs_through_the_server_with_logs_and_counts(repo, prefect_s
     # The stage's own log lines (from its DVC subprocess) reach its task run.
     assert any("quarantined data/raw/problems/bomb.png" in m for m in ingest_lines)
     assert any("computed=" in m for m in ingest_lines)
+    # A model stage's task run says where it computed and how fast (the same lines on Ray, with
+    # the cluster's resources: tests/test_ray_executor.py).
+    image_lines = [log.message for log in logs if by_task.get(log.task_run_id) == "embed_image"]
+    assert any(re.search(r"items to compute in \d+ batches on local", m) for m in image_lines), image_lines
+    assert any(re.search(r"computed, \d+ failed in [\d.]+ s \([\d.]+ items/s\) on local", m)
+               for m in image_lines), image_lines
     keys = {a.key for a in arts}
     assert {"ingest-counts", "bucket-counts", "build-dataset-summary"} <= keys
     counts = next(a for a in arts if a.key == "bucket-counts")

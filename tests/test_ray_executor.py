@@ -128,6 +128,9 @@ def test_ray_stores_equal_local_byte_for_byte_and_only_missing_keys_travel(chdir
         assert (remote[name].computed, remote[name].failed) == (local[name].computed, local[name].failed) == (3, 1)
         assert remote[name].failures == local[name].failures
     assert str(target) in remote["embed_image"].failures[broken["id"]]
+    said = [r.getMessage() for r in caplog.records]  # what a Prefect task run shows of the stage
+    assert any(re.match(r"ray: cluster has 2 CPU, 0 GPU on 1 node\(s\); 1 actors x \(1 CPU, 0 GPU\)", m) for m in said)
+    assert any(re.search(r"embed_image: 3 computed, 1 failed in [\d.]+ s \([\d.]+ items/s\) on ray", m) for m in said)
     for a, b in (("caption-local", "caption-ray"), ("text-local", "text-ray"), ("image-local", "image-ray")):
         assert files(Path(a)) == files(Path(b)) and len(files(Path(a))) == 3, a
     for table in ("caption", "embed_text", "embed_image"):
