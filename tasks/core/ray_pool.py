@@ -89,6 +89,7 @@ class RayModels:
         self._disconnect = False  # we called ray.init, so we call ray.shutdown
         self._shape: tuple[int, float, float] | None = None  # actors, gpus each, cpus each
         self.pids: list[int] = []  # of the first actors' processes (for logs)
+        self.setup_s = 0.0  # the last run's actor start-up: the runner reports throughput without it
         self.sent = 0  # items sent to the cluster by the last run, retries not counted
         self.retried = 0  # items sent again after their worker died
 
@@ -127,7 +128,13 @@ class RayModels:
             try:
                 ray.init(address=address, runtime_env=env, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise SetupError(f"executor.address {address}: cannot join the Ray cluster: {e}") from None
+                hint = ""
+                if address != "auto" and not os.environ.get("RAY_AUTH_MODE"):
+                    # Ray turns token authentication on for clusters started where a token file
+                    # exists, but a driver given an explicit address only uses it when told to.
+                    hint = (" If the cluster uses token authentication (Ray's default once "
+                            "~/.ray/auth_token exists), set RAY_AUTH_MODE=token here too.")
+                raise SetupError(f"executor.address {address}: cannot join the Ray cluster: {e}.{hint}") from None
         self._disconnect = True
         log.info("ray: joined %s in %.1f s", address, time.perf_counter() - t0)
 
@@ -204,8 +211,8 @@ class RayModels:
             infos = ray.get([a.setup.remote() for a in actors])
         except RayTaskError as e:
             raise SetupError(f"a Ray worker could not load its model: {e.cause}") from None
-        log.info("ray: %d actors ready in %.1f s (process start, imports, model load)", n,
-                 time.perf_counter() - t0)
+        self.setup_s = time.perf_counter() - t0
+        log.info("ray: %d actors ready in %.1f s (process start, imports, model load)", n, self.setup_s)
         for i in infos:
             log.info("ray: actor pid %s on %s%s%s", i["pid"], i["node"],
                      f" GPU {i['gpus']}" if i["gpus"] else "", f": {i['info']}" if i["info"] else "")

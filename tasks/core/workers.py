@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
@@ -107,6 +108,7 @@ class LocalModels:
     cores (or the GPU), so more processes here would only fight over them."""
 
     name = "local"
+    setup_s = 0.0  # the last run's model load: the runner reports throughput without it
 
     def __enter__(self) -> "LocalModels":
         return self
@@ -127,7 +129,9 @@ class LocalModels:
             inputs_of: Callable[[int], list[Any]]) -> Iterator[tuple[int, list[Result]]]:
         """(batch index, results) for batches 0..n-1; `inputs_of(i)` reads batch i's inputs
         just before it runs, so only one batch of inputs is in memory at a time."""
+        t0 = time.perf_counter()
         info = worker.setup()
+        self.setup_s = time.perf_counter() - t0
         if info:
             log.info("%s", info)
         for i in range(n_batches):
