@@ -93,6 +93,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     import yaml
 
     from tasks.caption import CaptionParams
+    from tasks.core.executors import ExecutorParams
     from tasks.embed_image import EmbedImageParams
     from tasks.embed_pose import EmbedPoseParams
     from tasks.embed_text import EmbedTextParams
@@ -110,7 +111,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
                "embed_pose": EmbedPoseParams, "shard": ShardParams, "latents": LatentsParams,
                "train": TrainParams, "validate": ValidateParams,
-               "train_lora": LoraParams, "train_wrong": WrongParams}
+               "train_lora": LoraParams, "train_wrong": WrongParams, "executor": ExecutorParams}
     doc = yaml.safe_load(params.read_text())
     assert set(doc) == set(classes)
     for section, cls in classes.items():
@@ -120,3 +121,22 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
             if isinstance(value, list):  # YAML lists; the dataclasses hold tuples
                 value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             assert getattr(classes[section](), key) == value, f"profiles/real.yaml {section}.{key}"
+
+
+def test_the_executor_section_is_read_and_no_stage_depends_on_it(monkeypatch):
+    """Where model stages compute is the machine's business: DVC must not call a stage stale
+    because `executor` changed, and $NICHE_RAY_ADDRESS switches to Ray for one command."""
+    import yaml
+
+    from tasks.core.executors import RAY_ADDRESS_ENV, ExecutorParams, executor_params
+
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    assert executor_params(ROOT_PARAMS) == ExecutorParams()  # the defaults: this process
+    stages = yaml.safe_load((ROOT_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        named = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+        assert not [p for p in named if p.split(".")[0] == "executor"], name
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "head:6379")
+    assert executor_params(ROOT_PARAMS).kind == "ray" and executor_params(ROOT_PARAMS).address == "head:6379"
+    with pytest.raises(ValueError, match="executor.actors"):
+        from_dict(ExecutorParams, {"kind": "ray", "actors": 0}, "executor")

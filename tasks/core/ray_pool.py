@@ -292,7 +292,9 @@ class RayModels:
                     yield from self._land(job, out, results, outstanding, refs)
                 continue
             except (RayTaskError, GetTimeoutError) as e:  # attempt() catches per item: an engine fault
-                out = [Failed(f"ray: {type(e).__name__}: {e}")] * len(job.positions)
+                cause = getattr(e, "cause", None) or e
+                out = [Failed(f"ray: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+                       ] * len(job.positions)
             yield from self._land(job, out, results, outstanding, refs)
 
     @staticmethod
