@@ -65,8 +65,11 @@ train: server
 train-sdxl: server
 	@$(BIN)/python -m flows.train --trainer sdxl
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures stay in one process):
+# the suite waits on subprocesses and servers half the time, so two fill two cores.
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 sample: venv
 	$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4

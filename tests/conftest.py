@@ -142,9 +142,13 @@ def tiny_models():
     """The tiny profile's models, built once into this checkout's models/tiny
     (what `python -m tasks.profile tiny` does; a folder already built is kept), so
     every scaffolded repo copies them instead of building them again."""
+    from filelock import FileLock
+
     from tasks.profile import build_tiny
 
-    return build_tiny(ROOT / "models" / "tiny")
+    # pytest-xdist's workers share this checkout: one builds, the others wait and reuse it.
+    with FileLock(str(ROOT / "models" / ".tiny.lock")):
+        return build_tiny(ROOT / "models" / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, run
+from tests.conftest import BIN, _copy_repo, run
 
 pytestmark = pytest.mark.slow
 EMBEDS = ("caption", "embed_text", "embed_image", "embed_pose", "shard")
@@ -35,13 +35,21 @@ def set_params(root: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-@pytest.fixture
-def built(tiny_repo):
-    """A tiny-profile repo after a first full `dvc repro`, captions from sidecar files."""
-    root = tiny_repo
+@pytest.fixture(scope="module")
+def built_once(tiny_sample_repo, tmp_path_factory):
+    """A tiny-profile repo after a first full `dvc repro`, captions from sidecar files: built once
+    for the module (the first repro is most of each test's time), copied for each test."""
+    root = _copy_repo(tiny_sample_repo, tmp_path_factory.mktemp("built") / "repo")
     set_params(root, caption={"backend": "sidecar"})
     first = repro(root)
     assert set(EMBEDS) <= set(first), first
+    return root
+
+
+@pytest.fixture
+def built(built_once, tmp_path):
+    root = _copy_repo(built_once, tmp_path / "repo")
+    # The copy is the same repo: DVC finds nothing to do before the test changes something.
     assert "up to date" in run([str(BIN / "dvc"), "status", "--with-deps", "shard"], root).stdout
     return root
 
