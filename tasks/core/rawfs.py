@@ -30,10 +30,10 @@ holds for the `dvc` command, the stages it runs, and in-process `Repo(...)` call
 (flows/dvc_stage.py, so the build-dataset flow) alike; `install()` patches a process
 by hand. At start-up the `.pth` only arms an import hook; DVC's module is patched
 when DVC itself imports it, and nothing else is imported, so other programs of the
-venv pay nothing. This file is loaded by path there (not as `tasks.core.rawfs`,
-which would import the `tasks` package at start-up, and a scaffolded repo's own
-`tasks/` must win for `python -m tasks.x`), so it imports nothing but the standard
-library. Without the `.pth` (a venv not made by `make venv`), `python -m
+venv pay nothing (the hook is tasks/core/importhook.py, shared with storelinks). This
+file is loaded by path there (not as `tasks.core.rawfs`, which would import the `tasks`
+package at start-up, and a scaffolded repo's own `tasks/` must win for `python -m
+tasks.x`), so it imports nothing but the standard library (and importhook, by path). Without the `.pth` (a venv not made by `make venv`), `python -m
 tasks.core.rawfs check` fails with the command to run, and ingest warns when it
 lists entries that DVC would trip on. The same `.pth` arms tasks/core/storelinks.py (DVC
 leaves the per-sample stores linked to its cache when their stage re-runs), and `check`
@@ -205,52 +205,26 @@ def active() -> bool:
     mod = sys.modules.get(_TARGET)
     if mod is not None:
         return getattr(mod.FsspecLocalFileSystem.walk, _MARK, False)
-    return any(getattr(f, _MARK, False) for f in sys.meta_path)
+    return _hooks().armed(_MARK)
 
 
-class _PatchingLoader:
-    def __init__(self, loader):
-        self._loader = loader
+def _hooks():
+    """tasks/core/importhook.py, loaded by path (this file may be, too: see importhook's docstring)."""
+    import importlib.util
 
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        _patch(module)
-
-    def __getattr__(self, name):  # get_source, get_data, is_package... as the real loader
-        return getattr(self._loader, name)
-
-
-class _PatchOnImport:
-    """Patches dvc_objects.fs.local as it is imported; imports nothing itself."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or getattr(finder, _MARK, False) or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchingLoader(spec.loader)
-        return spec
-
-
-setattr(_PatchOnImport, _MARK, True)
+    name = "_niche_importhook"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(
+            os.path.realpath(__file__)), "importhook.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def arm() -> None:
     """Patch DVC's walk when DVC imports it (what the .pth calls at start-up)."""
-    if _TARGET in sys.modules:
-        _patch(sys.modules[_TARGET])
-    elif not active():
-        sys.meta_path.insert(0, _PatchOnImport())
+    _hooks().arm(_TARGET, _patch, _MARK)
 
 
 def pth_line() -> str:

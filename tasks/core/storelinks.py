@@ -89,52 +89,26 @@ def active() -> bool:
     mod = sys.modules.get(_TARGET)
     if mod is not None and hasattr(mod, "Output"):
         return getattr(mod.Output.unprotect, _MARK, False)
-    return any(getattr(f, _MARK, False) for f in sys.meta_path)
+    return _hooks().armed(_MARK)
 
 
-class _PatchingLoader:
-    def __init__(self, loader):
-        self._loader = loader
+def _hooks():
+    """tasks/core/importhook.py, loaded by path (this file may be, too: see importhook's docstring)."""
+    import importlib.util
 
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        _patch(module)
-
-    def __getattr__(self, name):  # get_source, get_data, is_package... as the real loader
-        return getattr(self._loader, name)
-
-
-class _PatchOnImport:
-    """Patches dvc.output as it is imported; imports nothing itself."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or getattr(finder, _MARK, False) or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchingLoader(spec.loader)
-        return spec
-
-
-setattr(_PatchOnImport, _MARK, True)
+    name = "_niche_importhook"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(
+            os.path.realpath(__file__)), "importhook.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def arm() -> None:
     """Patch DVC's Output.unprotect when DVC imports it (what the .pth calls at start-up)."""
-    if _TARGET in sys.modules:
-        _patch(sys.modules[_TARGET])
-    elif not active():
-        sys.meta_path.insert(0, _PatchOnImport())
+    _hooks().arm(_TARGET, _patch, _MARK)
 
 
 def pth_line() -> str:
