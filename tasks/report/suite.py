@@ -7,7 +7,11 @@ check compares differ only in what the check changes:
                      bucket (the patch grids match) → LPIPS(generated, original j), the
                      style source, and LPIPS(generated, original i), the text source
   text_manipulation  the caption with one word swapped (VALIDATE.text_edits), both texts
-                     through T5 → LPIPS(generated from the edit, generated from the original)
+                     through T5, each sampled from its text alone → LPIPS(generated from the
+                     edit, generated from the original). Not with the image's own DINOv3 CLS
+                     and patches: they fix the image, so a model that has learnt them rightly
+                     ignores the text beside them (on the demo's model a whole other caption
+                     moved the pixels 10x less with them than without)
   cfg_divergence     guidance none: all parts kept vs none kept → LPIPS between the two
 Lower is better for the first two; for the last two a larger distance means the
 conditioning moves the image more.
@@ -191,10 +195,13 @@ class Suite:
         r.rows = rows if rows[0] else []
         return r
 
-    def _with_text(self, cond: Conditioning, text: str) -> Conditioning:
+    def _text_only(self, cond: Conditioning, text: str) -> Conditioning:
+        """`text` through T5 as the only part kept (the text_only category of training)."""
         t5 = torch.as_tensor(self.encode(text), dtype=torch.float32, device=self.device)[None]
         mask = torch.ones(1, t5.shape[1], dtype=torch.bool, device=self.device)
-        return Conditioning(t5, mask, cond.dino_cls, cond.dino_patches, cond.pose, cond.keep)
+        keep = torch.zeros_like(cond.keep)
+        keep[:, 0] = True
+        return Conditioning(t5, mask, cond.dino_cls, cond.dino_patches, cond.pose, keep)
 
     def text_manipulation(self) -> Result:
         r = Result(extra={"edit": {}})
@@ -207,8 +214,11 @@ class Suite:
             x0, cond = self.inputs(i)
             size = tuple(x0.shape[-2:])
             # Both captions through the same encoder: the distance is the edit's alone.
-            before = self.generate(i, self._with_text(cond, s.caption), size)
-            after = self.generate(i, self._with_text(cond, edit[0]), size)
+            # dual guidance would bring the DINOv3 parts back in its third pass: cfg, as the
+            # sampler does for a prompt without a reference image.
+            guidance = "cfg" if self.sampling.get("guidance") == "dual" else None
+            before = self.generate(i, self._text_only(cond, s.caption), size, guidance)
+            after = self.generate(i, self._text_only(cond, edit[0]), size, guidance)
             r.values[s.id] = self.distance(after, before)
             r.extra["edit"][s.id] = f"{edit[1]} -> {edit[2]}"
             for row, img in zip(rows, self.keep("text_manipulation", i, before, after)):
