@@ -36,7 +36,7 @@ def test_preset_values_and_overrides():
     m = tiny(depth=3)
     assert m.config.hidden_size == PRESETS["tiny"]["hidden_size"] and m.config.depth == 3
     assert len(m.blocks) == 3
-    with pytest.raises(ValueError, match="unknown NanoDiT preset 'huge'.*tiny, baseline, production"):
+    with pytest.raises(ValueError, match="unknown NanoDiT preset 'huge'.*tiny, small, baseline, production"):
         NanoDiT.preset("huge")
 
 

@@ -35,7 +35,7 @@ class TrainParams:
     run: str = "nanodit"                  # runs/<run>/
     shards: str = "data/shards"           # a folder or s3://bucket/prefix
     endpoint_url: str | None = None       # S3-compatible endpoint (MinIO, R2, ...)
-    preset: Literal["tiny", "baseline", "production"] = "production"
+    preset: Literal["tiny", "small", "baseline", "production"] = "production"
     patch_size: int = 16
     steps: int = 6000                     # optimizer steps
     batch_size: int = 1                   # per rank and micro-step

@@ -39,6 +39,20 @@ def pick_device(p: TrainParams, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def narrow_warning(model: NanoDiT, p: TrainParams, rank: int = 0) -> None:
+    """Warn when the model is under half as wide as a patch has values: its output layer spans
+    only `width` of a patch's dimensions, so most of a patch's detail cannot come out and samples
+    stay blocky (the tiny preset at patch 16: 64 wide for 768 values). The small preset at patch
+    8, as wide as its patch, memorises 4 photographs in 2,000 CPU steps (bench/bench_learn.py);
+    JiT's bottleneck results say a narrower model can still generate well, hence only under half."""
+    width, values = model.config.hidden_size, model.config.in_channels * p.patch_size ** 2
+    if 2 * width < values and rank == 0:
+        fitting = 1 << (int((width / model.config.in_channels) ** 0.5).bit_length() - 1)  # a power of two
+        log.warning("train: preset %s is %d wide, under half a %d-px patch's %d values: most of a patch's detail "
+                    "cannot come out and samples stay blocky; for detail use train.patch_size %d or a wider "
+                    "preset", p.preset, width, p.patch_size, values, fitting)
+
+
 class Trainer:
     def __init__(self, p: TrainParams, root: Path = Path("."), params_file: Path = Path("params.yaml")):
         self.p, self.root = p, Path(root)
@@ -56,6 +70,7 @@ class Trainer:
                                         tread_start=p.tread_start, tread_end=p.tread_end).to(self.device)
         if p.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        narrow_warning(self.model, p, self.rank)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opts = optim.optimizers(self.model, p)
         self.scheds = optim.schedulers(self.opts, p)
