@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -63,6 +64,31 @@ def test_editing_one_caption_file_recomputes_that_caption_and_its_t5_only(built)
     assert ran.get("bucket", 0) == 0  # bucket may re-run (ingest table changed) but computes nothing
     # One sample changed: one shard is rewritten, the others keep their bytes.
     assert shards_written(built) == 1
+
+
+def test_the_curation_page_s_caption_fix_and_reject_recompute_only_what_they_touch(built):
+    """The loop's way in: a caption fixed in place on the page is one caption and one T5 item;
+    an image rejected later leaves the training shards and trains the negative LoRA only."""
+    from tasks.curate.server import Curation
+
+    cur = Curation(built)
+    cur.start()
+    figures = [r for r in cur.items("dataset") if r["path"].startswith("data/raw/figures/") and r["caption"]]
+    out = cur.decide({"item": figures[0]["item"], "action": "caption", "caption": "a figure on one leg, arms wide"})
+    assert out["error"] is None
+    ran = repro(built)
+    assert ran.get("caption") == 1 and ran.get("embed_text") == 1, ran
+    assert "embed_image" not in ran and "embed_pose" not in ran, ran
+
+    out = cur.decide({"item": figures[1]["item"], "action": "reject"})
+    assert out["error"] is None and out["update"]["path"].startswith("data/raw/rejected/figures/")
+    cur.log.close()
+    ran = repro(built)
+    # Same bytes, so every stage's item is reused; the sample only changes split.
+    assert ran.get("ingest") == 0 and ran.get("bucket", 0) == 0 and ran.get("caption", 0) == 0, ran
+    ingest = pq.read_table(built / "data/manifest/ingest.parquet").to_pylist()
+    moved = next(r for r in ingest if r["path"] == out["update"]["path"])
+    assert moved["split"] == "rejected"
 
 
 def test_changing_the_t5_model_recomputes_all_t5_and_nothing_else(built):
