@@ -21,12 +21,14 @@ def _builders():
     # Imported here: each pulls in transformers/torch/onnx.
     from models.encoders.dinov3 import build_tiny_dinov3
     from models.encoders.gemma import build_tiny_gemma3
+    from models.encoders.instruct import build_tiny_qwen2
     from models.sdxl.pipeline import build_tiny_sdxl
     from models.encoders.t5 import build_tiny_t5
     from models.encoders.tiny_dwpose import build_tiny_dwpose
 
     return {"gemma3": build_tiny_gemma3, "t5": build_tiny_t5,
-            "dinov3": build_tiny_dinov3, "dwpose": build_tiny_dwpose, "sdxl": build_tiny_sdxl}
+            "dinov3": build_tiny_dinov3, "dwpose": build_tiny_dwpose, "sdxl": build_tiny_sdxl,
+            "qwen2": build_tiny_qwen2}
 
 
 def build_all(root: Path, t5_corpus: list[str]) -> Path:

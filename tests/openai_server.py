@@ -1,7 +1,12 @@
-"""A real OpenAI-compatible server for the tests: the tiny Gemma 3 behind FastAPI +
+"""A real OpenAI-compatible server for the tests: a tiny model behind FastAPI +
 uvicorn on 127.0.0.1, speaking the two routes vLLM and SGLang serve that the
-caption backend uses (GET /v1/models, POST /v1/chat/completions with image_url
-data URL parts).
+caption and expand backends use (GET /v1/models, POST /v1/chat/completions).
+
+A chat whose last message holds an image_url data URL part is a caption (the tiny
+Gemma 3, models/encoders/gemma.py); one of text only (a string, or text parts) is
+answered by the same folder through models/encoders/instruct.py, as vLLM answers
+text-only chats of a vision model. A folder without a vision tower (the tiny Qwen2)
+serves text only, and answers an image with a 400.
 
 It runs in its own process, so a test can SIGKILL it mid-stage like a crashed
 GPU server. The faults it can play are options (on the command line, or changed
@@ -39,9 +44,12 @@ def make_app(model_dir: Path, state: dict):
     from PIL import Image
 
     from models.encoders.gemma import GemmaCaptioner
+    from models.encoders.instruct import InstructModel
 
     torch.set_num_threads(1)  # the tests share 2 cores with the stage and other servers
-    captioner = GemmaCaptioner(model_dir, "cpu")
+    vision = "vision_config" in json.loads((Path(model_dir) / "config.json").read_text())
+    captioner = GemmaCaptioner(model_dir, "cpu") if vision else None
+    instruct = [] if vision else [InstructModel(model_dir, "cpu")]  # a vision model's: at its first text chat
     lock = threading.Lock()  # one generate() at a time, as one GPU would
     count = threading.Lock()  # sync routes run on a thread pool: the counters are shared
     app = FastAPI()
@@ -76,8 +84,14 @@ def make_app(model_dir: Path, state: dict):
         if body.get("model") != state["model_id"]:
             return error(404, f"The model `{body.get('model')}` does not exist.")
         parts = body["messages"][-1]["content"]
+        if isinstance(parts, str):
+            parts = [{"type": "text", "text": parts}]
         text = "".join(p["text"] for p in parts if p["type"] == "text")
         urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        if not urls:
+            return complete(n, body, text)
+        if captioner is None:
+            return error(400, f"{state['model_id']} takes no images")
         if len(urls) != 1 or not urls[0].startswith("data:image/png;base64,"):
             return error(400, "expected one image_url part holding a data:image/png;base64 URL")
         raw = base64.b64decode(urls[0].partition(",")[2])
@@ -92,6 +106,19 @@ def make_app(model_dir: Path, state: dict):
         with lock:
             (g,) = captioner.caption([image], text, body.get("max_tokens") or 16, temperature,
                                      body.get("top_p", 1.0), top_k, body.get("seed") or 0)
+        return answer(n, g)
+
+    def complete(n: int, body: dict, text: str):
+        state["bodies"].append({**body, "prompt": text})
+        temperature = body.get("temperature") or 0.0
+        with lock:
+            if not instruct:
+                instruct.append(InstructModel(model_dir, "cpu"))
+            (g,) = instruct[0].generate([text], body.get("max_tokens") or 16, temperature, body.get("top_p", 1.0),
+                                        max(body.get("top_k", -1), 0), [body.get("seed") or 0])
+        return answer(n, g)
+
+    def answer(n: int, g):
         with count:
             state["answered"] += 1
         return {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),

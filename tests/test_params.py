@@ -97,6 +97,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     from tasks.embed_image import EmbedImageParams
     from tasks.embed_pose import EmbedPoseParams
     from tasks.embed_text import EmbedTextParams
+    from tasks.expand import ExpandParams
     from tasks.latents import LatentsParams
     from tasks.profile import apply, load_profile
     from tasks.shard import ShardParams
@@ -111,9 +112,11 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
                "embed_pose": EmbedPoseParams, "shard": ShardParams, "latents": LatentsParams,
                "train": TrainParams, "validate": ValidateParams,
-               "train_lora": LoraParams, "train_wrong": WrongParams, "executor": ExecutorParams}
+               "train_lora": LoraParams, "train_wrong": WrongParams, "executor": ExecutorParams,
+               "expand": ExpandParams}
     doc = yaml.safe_load(params.read_text())
-    assert set(doc) == set(classes)
+    placeholders = {s for s, v in doc.items() if v is None}  # a section whose stage is not written yet
+    assert set(doc) - placeholders == set(classes)
     for section, cls in classes.items():
         assert load_section(cls, section, params) == cls(), section
     for section, values in load_profile("real").items():

@@ -1,5 +1,6 @@
-"""Captions from OpenAI-compatible servers (vLLM, SGLang): a pool of endpoints
-serving one model, asked through the official `openai` client.
+"""Chat completions from OpenAI-compatible servers (vLLM, SGLang): a pool of endpoints
+serving one model, asked through the official `openai` client — image captions for the
+caption stage (`caption`), text answers for the expand stage (`complete`).
 
 Why it is built so:
 - The chat-completions API is the one both vLLM and SGLang serve for vision
@@ -16,10 +17,12 @@ Why it is built so:
   live endpoint with the fewest in flight (ties: the first listed), so a slow or
   lost server does not hold back the others.
 - `check` asks every endpoint which model it serves before any work: a server
-  restarted with another model would otherwise write captions under the wrong
+  restarted with another model would otherwise write answers under the wrong
   key. An endpoint that does not answer then is skipped, not fatal; none
   answering is one clear error. Once all are down, every call fails at once with
   the same message naming them all, so a dead pool costs one wait, not one per image.
+- Errors name the params section that configured the pool (`section`: caption, expand),
+  so a person knows which keys to fix.
 """
 from __future__ import annotations
 
@@ -32,11 +35,10 @@ from dataclasses import dataclass
 
 from models.hub import SetupError
 
-log = logging.getLogger("niche.caption")
 
 
 class ChatError(RuntimeError):
-    """One request failed for its own reason (a 4xx, an answer without a caption)."""
+    """One request failed for its own reason (a 4xx, an answer without choices)."""
 
 
 class EndpointsDown(SetupError):
@@ -64,12 +66,15 @@ class _Endpoint:
 
 
 class ChatPool:
-    """Endpoints serving one model; `caption` is thread-safe and fails over."""
+    """Endpoints serving one model; `caption` and `complete` are thread-safe and fail over."""
 
     def __init__(self, endpoints: list[str] | tuple[str, ...], model: str, api_key_env: str = "OPENAI_API_KEY",
-                 timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0, max_in_flight: int = 8):
+                 timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0, max_in_flight: int = 8,
+                 section: str = "caption"):
         import openai
 
+        self.section = section
+        self.log = logging.getLogger(f"niche.{section}")
         self.model = model
         self.api_key_env = api_key_env
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
@@ -93,7 +98,7 @@ class ChatPool:
             if any(e.down is None for e in self._eps):
                 return None
             return ("no OpenAI-compatible endpoint answers: " + "; ".join(f"{e.url} ({e.down})" for e in self._eps)
-                    + ". Start the server (vllm serve / sglang.launch_server) or set caption.openai_endpoints.")
+                    + f". Start the server (vllm serve / sglang.launch_server) or set {self.section}.openai_endpoints.")
 
     def check(self) -> None:
         """Before any work: each endpoint that answers serves `model`; at least one answers."""
@@ -102,16 +107,17 @@ class ChatPool:
                 served = self._with_retries(
                     e, lambda c: [m.id for m in c.models.list(timeout=min(self.timeout_s, 10.0))])
             except _Failed as err:
-                log.warning("caption: skipping %s: %s", e.url, err)
+                self.log.warning("%s: skipping %s: %s", self.section, e.url, err)
                 self._mark_down(e, str(err))
                 continue
             except ChatError as err:
                 raise SetupError(f"cannot list the models of {e.url} ({err}); "
                                  f"is it the server's /v1 base URL?") from None
             if self.model not in served:
+                s = self.section
                 raise SetupError(f"{e.url} serves {', '.join(map(repr, served)) or 'no model'}, but "
-                                 f"caption.openai_model expects {self.model!r}: point caption.openai_endpoints at a "
-                                 f"server of that model, or set caption.openai_model to what it serves")
+                                 f"{s}.openai_model expects {self.model!r}: point {s}.openai_endpoints at a "
+                                 f"server of that model, or set {s}.openai_model to what it serves")
         if self.down:
             raise EndpointsDown(self.down)
 
@@ -121,6 +127,18 @@ class ChatPool:
         url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                  {"type": "text", "text": instruction}]}]
+        return self._chat(messages, max_tokens, temperature, top_p, top_k, seed)
+
+    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0) -> ChatResult:
+        """One answer to one text-only user message; sampling knobs as for `caption`."""
+        return self._chat([{"role": "user", "content": text}], max_tokens, temperature, top_p, top_k, seed)
+
+    # ------------------------------------------------------------ internals
+
+    def _chat(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float, top_k: int,
+              seed: int) -> ChatResult:
+        """One chat completion on the least busy live endpoint, failing over until one answers."""
         kw: dict = {"max_tokens": max_tokens, "temperature": temperature}
         if temperature > 0:
             # top_k is not in OpenAI's API; vLLM and SGLang read it from the body's extra fields. Off is
@@ -138,8 +156,6 @@ class ChatPool:
                 self._release(e)
             return _result(e.url, reply)
 
-    # ------------------------------------------------------------ internals
-
     def _with_retries(self, e: _Endpoint, call):
         openai = self._openai
         last = ""
@@ -148,7 +164,7 @@ class ChatPool:
                 raise _Failed(e.down)
             if attempt:
                 wait = self.backoff_s * 2 ** (attempt - 1)
-                log.info("openai: %s: %s; retry %d/%d in %.2fs", e.url, last, attempt, self.retries, wait)
+                self.log.info("openai: %s: %s; retry %d/%d in %.2fs", e.url, last, attempt, self.retries, wait)
                 time.sleep(wait)
             try:
                 return call(e.client)
@@ -156,7 +172,7 @@ class ChatPool:
                 detail = _detail(err)
                 if err.status_code == 401:
                     raise SetupError(f"{e.url}: HTTP 401 {detail}: put the server's key in ${self.api_key_env} "
-                                     f"(caption.openai_api_key_env)") from None
+                                     f"({self.section}.openai_api_key_env)") from None
                 if err.status_code < 500 and err.status_code != 429:
                     raise ChatError(f"{e.url}: HTTP {err.status_code}: {detail}") from None
                 last = f"HTTP {err.status_code}: {detail}"
@@ -190,7 +206,8 @@ class ChatPool:
             if e.down is None:
                 e.down = why
                 live = sum(x.down is None for x in self._eps)
-                log.warning("caption: %s is down (%s); %d of %d endpoints left", e.url, why, live, len(self._eps))
+                self.log.warning("%s: %s is down (%s); %d of %d endpoints left", self.section, e.url, why, live,
+                                 len(self._eps))
             self._cond.notify_all()  # waiters re-pick, or learn that all are down
 
 
