@@ -60,6 +60,9 @@ class Curation:
     def start(self) -> None:
         """Materialise everything the log says (a server killed mid-write finishes here)."""
         t0 = time.perf_counter()
+        import pyarrow.parquet  # noqa: F401 — imported now, not by the page's first request (~0.2 s)
+        from PIL import Image  # noqa: F401
+
         self.failed = materialise_all(self.root, self.log, self.ext)
         log.info("curate: %d decisions materialised in %.2fs (%d items could not be)", self.log.last_seq(),
                  time.perf_counter() - t0, len(self.failed))
@@ -207,8 +210,9 @@ def make_app(root: Path, dest: str = "curated", caption_ext: str = ".txt", hosts
         rows = cur.items(view)
         for r in rows:
             r.pop("info", None)
-        return {"view": view, "items": rows, "seq": seq, "set": cur.dest, "failed": cur.failed,
-                "root": str(cur.root)}
+        # A JSONResponse straight away: FastAPI's encoder walks 1,000 rows in ~60 ms, json in ~7.
+        return JSONResponse({"view": view, "items": rows, "seq": seq, "set": cur.dest, "failed": cur.failed,
+                             "root": str(cur.root)})
 
     @app.get("/api/changes")
     def changes(since: int = 0):
