@@ -3,10 +3,10 @@ their runs until stopped.
 
     python -m flows.serve [--nightly-cron "0 2 * * *"]   # or `make serve` / `make demo` (background, 127.0.0.1)
 
-Deployments: build-dataset/local, train/local, train/sdxl, validate/local and
-validate-nightly/local (on the cron; $NICHE_NIGHTLY_CRON or --nightly-cron, default
-02:00 every day, the server's time zone UTC). Then e.g. `prefect deployment run
-validate/local`. Stopping it (SIGINT) pauses its deployments, as Prefect's `serve` does.
+Deployments: build-dataset/local, train/local, train/sdxl, validate/local,
+validate-nightly/local (on the cron; $NICHE_NIGHTLY_CRON or --nightly-cron, default 02:00
+every day, the server's time zone UTC) and generate-candidates/local. Then e.g.
+`prefect deployment run validate/local`. Stopping it (SIGINT) pauses its deployments, as Prefect's `serve` does.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.build_dataset import build_dataset
+from flows.generate_candidates import generate_candidates
 from flows.train import train
 from flows.validate import validate, validate_nightly
 
@@ -60,6 +61,13 @@ def deployments(root: Path, nightly_cron: str = NIGHTLY_CRON) -> list[RunnerDepl
             cron=nightly_cron,
             description="Every night: validate the active run's newest checkpoint unless already validated.",
             tags=["niche", "local", "nightly"],
+        ),
+        generate_candidates.to_deployment(
+            name="local",
+            parameters={"root": str(root)},
+            description="The front of the loop: words -> prompts (expand) -> candidates with the generator's "
+                        "newest checkpoint (pinned in params.yaml); then `make curate` to keep or reject them.",
+            tags=["niche", "local", "curate"],
         ),
     ]
 

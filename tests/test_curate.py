@@ -223,7 +223,7 @@ def test_a_second_client_sees_the_first_ones_decisions(project):
 
 
 def test_stats_are_written_as_a_dvc_metric(project, monkeypatch):
-    from tasks.curate.__main__ import write_stats
+    from tasks.curate.library import write_stats
 
     cur = Curation(project)
     c = cur.items("candidates")

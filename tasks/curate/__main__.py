@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core.stage import METRICS_DIR, details_path, setup_logging
-from tasks.core.store import atomic_write_json
+from tasks.core.stage import setup_logging
 from tasks.curate.decisions import DecisionLog
+from tasks.curate.library import write_stats
 from tasks.curate.materialise import MaterialiseError, materialise_all, safe_set
 
 log = logging.getLogger("niche.curate")
@@ -39,23 +39,6 @@ def caption_ext(root: Path) -> str:
         return str((doc.get("ingest") or {}).get("caption_ext") or ".txt")
     except (OSError, yaml.YAMLError):
         return ".txt"
-
-
-def write_stats(root: Path) -> dict:
-    """The hit rate as the DVC metric (overall) and its details (per generator, template, word)."""
-    from tasks.curate import library
-
-    dlog = DecisionLog.at(root)
-    try:
-        state = dlog.state()
-        stats = library.hit_rate(state, library.candidates(root, state))
-    finally:
-        dlog.close()
-    overall = stats["overall"]
-    metric = METRICS_DIR / "curate.json"
-    atomic_write_json(root / details_path(metric), stats)
-    atomic_write_json(root / metric, {k: overall[k] for k in ("kept", "rejected", "seen", "undecided", "hit_rate")})
-    return stats
 
 
 def serve(root: Path, host: str, port: int, dest: str) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tasks.core.manifest import MANIFEST_DIR
-from tasks.curate.decisions import ItemState
+from tasks.core.stage import METRICS_DIR, details_path
+from tasks.core.store import atomic_write_json
+from tasks.curate.decisions import DecisionLog, ItemState
 from tasks.curate.materialise import RAW, REJECTED, places
 from tasks.curate.tables import CANDIDATES_STORE, CANDIDATES_TABLE
 
@@ -151,3 +153,20 @@ def hit_rate(state: dict[str, ItemState], rows: list[dict]) -> dict:
         return {**c, "seen": seen, "hit_rate": round(c["kept"] / seen, 4) if seen else None}
 
     return {"overall": rate(total), **{dim: {k: rate(c) for k, c in sorted(v.items())} for dim, v in by.items()}}
+
+
+def write_stats(root: Path) -> dict:
+    """The hit rate as a DVC metric, metrics/curate.json (overall: kept, rejected, seen,
+    undecided, hit_rate), and its details beside it (per generator, template and word)."""
+    root = Path(root)
+    dlog = DecisionLog.at(root)
+    try:
+        state = dlog.state()
+        stats = hit_rate(state, candidates(root, state))
+    finally:
+        dlog.close()
+    overall = stats["overall"]
+    metric = METRICS_DIR / "curate.json"
+    atomic_write_json(root / details_path(metric), stats)
+    atomic_write_json(root / metric, {k: overall[k] for k in ("kept", "rejected", "seen", "undecided", "hit_rate")})
+    return stats
