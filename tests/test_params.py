@@ -92,6 +92,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
 
     import yaml
 
+    from tasks.candidates import CandidatesParams
     from tasks.caption import CaptionParams
     from tasks.core.executors import ExecutorParams
     from tasks.embed_image import EmbedImageParams
@@ -109,6 +110,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     shutil.copy(ROOT_PARAMS, params)
     apply("real", params, build=False)  # the checkout may be on the tiny profile (after `make demo`)
     classes = {"ingest": IngestParams, "bucket": BucketParams, "caption": CaptionParams,
+               "candidates": CandidatesParams,
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
                "embed_pose": EmbedPoseParams, "shard": ShardParams, "latents": LatentsParams,
                "train": TrainParams, "validate": ValidateParams,

@@ -225,11 +225,20 @@ class NanoDiTSampler:
             pose=torch.zeros(1, POSE_JOINTS, 3, device=dev),
             keep=torch.tensor([[True, False, False, False]], device=dev))
 
-    def default_size(self, meta: dict, ckpt: Path, model) -> tuple[int, int]:
-        """`size`, else the first bucket at the scale the checkpoint trained at, on the patch grid."""
+    def patch_size(self, ckpt: Path) -> int:
+        """The weights' patch size, from their config.json: known before the model loads."""
+        config = Path(ckpt) / self.weights / "config.json"
+        try:
+            return int(json.loads(config.read_text(encoding="utf-8")).get("patch_size", 16))
+        except (OSError, ValueError) as e:
+            raise GenerateError(f"{config}: unreadable ({e}); a checkpoint with {self.weights}/ weights "
+                                "is expected") from None
+
+    def default_size(self, meta: dict, ckpt: Path, patch: int) -> tuple[int, int]:
+        """`size`, else the first bucket at the scale the checkpoint trained at, on the patch grid
+        (`patch`: the model's patch size; `patch_size(ckpt)` before it loads)."""
         from tasks.bucket import BucketParams
 
-        patch = model.config.patch_size
         size = self.size
         if size is None:
             bucket = section(meta, "bucket", BucketParams, ckpt).buckets[0]
@@ -255,7 +264,7 @@ class NanoDiTSampler:
                                 f"cfg, not {self.guidance!r}")
         meta, model = self.load(Path(ckpt))
         sampling = meta.get("sampling") or {}
-        w, h = self.default_size(meta, ckpt, model)
+        w, h = self.default_size(meta, ckpt, model.config.patch_size)
         cond = self.text_only(model, self.prompt(meta, ckpt, prompt), ckpt)
         neg = self.text_only(model, self.prompt(meta, ckpt, negative), ckpt) if negative else None
         images = self.denoise(model, cond, (h, w), steps=self.steps or int(sampling.get("steps", 50)),

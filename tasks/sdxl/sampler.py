@@ -8,6 +8,9 @@ With `negative_lora` (a negative run's folder) its newest LoRA is applied too an
 joins the negative prompt (the third seed's method). Sampling inverts the run's objective:
 the base model's Euler scheduler for `ddpm`, a flow-match Euler schedule with `sample_shift`
 for `flow`.
+
+`sample(None, ...)` samples the base model alone (the candidates stage's `sdxl` generator): the
+run's style adapter and tokens are unloaded first; a negative LoRA, when configured, stays.
 """
 from __future__ import annotations
 
@@ -29,6 +32,14 @@ from tasks.sdxl.params import LoraParams
 
 log = logging.getLogger("niche.sample_lora")
 WRONG = "wrong"
+
+
+def sample_size(p: LoraParams, meta: dict) -> tuple[int, int]:
+    """(width, height): sample_size, else the size the checkpoint's run trained on most (its
+    meta.json), else SDXL's 1024 x 1024 (the base model)."""
+    if p.sample_size:
+        return tuple(p.sample_size)
+    return tuple(meta.get("sizes", [[1024, 1024]])[0])
 
 
 def negative_for(p: LoraParams) -> str:
@@ -65,6 +76,7 @@ class SDXLSampler:
                              f"train_wrong; see {run / 'checkpoints' / 'NO_SAMPLES.txt'} if it had no rejects)")
         self.pipe.load_lora_weights(str(ckpts[-1][1] / "lora"), adapter_name=WRONG)
         self.adapters.append((WRONG, self.p.negative_lora_scale))
+        self.pipe.set_adapters([WRONG], [self.p.negative_lora_scale])  # at its scale for the base model too
         log.info("negative LoRA %s at scale %s, with %r in the negative prompt", ckpts[-1][1],
                  self.p.negative_lora_scale, WRONG)
 
@@ -76,7 +88,8 @@ class SDXLSampler:
                 "steps": self.p.sample_steps, "guidance_scale": self.p.guidance_scale,
                 "negative_lora": self.p.negative_lora, "template": self.p.prompt_template}
 
-    def _use(self, ckpt: Path) -> None:
+    def _use(self, ckpt: Path | None) -> None:
+        """`ckpt`'s LoRA and tokens on the pipeline; None: the base model (no style adapter)."""
         if self.loaded == ckpt:
             return
         pipe = self.pipe
@@ -85,6 +98,12 @@ class SDXLSampler:
             if self.meta.get("tokens"):  # diffusers' default unloads from the first encoder only
                 pipe.unload_textual_inversion(self.meta["tokens"], pipe.tokenizer, pipe.text_encoder)
                 pipe.unload_textual_inversion(self.meta["tokens"], pipe.tokenizer_2, pipe.text_encoder_2)
+            self.loaded, self.meta = None, {}
+            if self.adapters:  # the negative LoRA alone again
+                names, weights = zip(*self.adapters)
+                pipe.set_adapters(list(names), list(weights))
+        if ckpt is None:
+            return
         self.meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
         pipe.load_lora_weights(str(ckpt / "lora"), adapter_name="style")
         if self.meta.get("tokens"):
@@ -98,13 +117,11 @@ class SDXLSampler:
         self.loaded = ckpt
 
     def size(self) -> tuple[int, int]:
-        """sample_size, else the size the run trained on most."""
-        if self.p.sample_size:
-            return tuple(self.p.sample_size)
-        return tuple(self.meta.get("sizes", [[1024, 1024]])[0])
+        return sample_size(self.p, self.meta)
 
     @torch.no_grad()
-    def sample(self, ckpt: Path, prompt: str, seed: int, negative: str | None) -> Image.Image:
+    def sample(self, ckpt: Path | None, prompt: str, seed: int, negative: str | None) -> Image.Image:
+        """One image of `ckpt` (None: the base model without any LoRA of the run)."""
         self._use(ckpt)
         pipe, meta = self.pipe, self.meta
         texts = [expand(t, meta.get("abstractions", {})) for t in (prompt, negative or "")]
@@ -115,6 +132,7 @@ class SDXLSampler:
         sched = self.objective.sampler(self.sched_cfg, self.p.sample_shift)
         x = denoise(pipe.unet, sched, (embeds[:1], pooled[:1]), (embeds[1:], pooled[1:]), ids, (h // 8, w // 8),
                     self.p.sample_steps, self.p.guidance_scale, seed, self.dtype)
-        image = pipe.vae.decode(x.to(self.vae_dtype) / float(meta.get("scaling_factor", 0.13025))).sample
+        scaling = float(meta.get("scaling_factor", pipe.vae.config.scaling_factor))
+        image = pipe.vae.decode(x.to(self.vae_dtype) / scaling).sample
         arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(arr)
