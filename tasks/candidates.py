@@ -39,6 +39,7 @@ from tasks.core.stage import Report, stage_main
 from tasks.core.store import Store, item_key, sha256_file
 from tasks.core.workers import LocalModels, Result, Worker, check_device
 from tasks.curate.tables import CANDIDATES, CANDIDATES_STORE, CANDIDATES_TABLE, EXPAND, EXPAND_TABLE
+from tasks.curate.thumbs import ensure_thumbs
 from tasks.sdxl.params import SECTIONS, LoraParams
 
 log = logging.getLogger("niche.candidates")
@@ -358,6 +359,8 @@ def candidates(p: CandidatesParams, in_table: Path = EXPAND_TABLE, out_table: Pa
         manifest.write_table(rs, CANDIDATES, Path(out_table), sort_by="id")
 
     settle_rows(rows, {}, report, write)
+    # The curation page's grid reads these, not the full renders (tasks/curate/thumbs.py).
+    thumbs = ensure_thumbs(Path(store_dir), [r["key"] for r in rows if r["key"]])
     report.seconds = time.perf_counter() - t_stage
     report.extra = {
         "generator": g.generator, "checkpoint": g.checkpoint, "checkpoint_id": g.checkpoint_id,
@@ -366,7 +369,7 @@ def candidates(p: CandidatesParams, in_table: Path = EXPAND_TABLE, out_table: Pa
         "images_per_second": round(report.computed / report.seconds, 3) if report.seconds > 0 else 0.0,
         "images_per_second_model_up": round(report.computed / busy, 3) if busy > 0 else 0.0,
         "model_load_seconds": round(executor.setup_s, 3), "tiny_model": g.tiny, **g.info,
-        "failures": dict(sorted(report.failures.items()))}
+        "thumbnails_written": thumbs, "failures": dict(sorted(report.failures.items()))}
     return report
 
 

@@ -5,7 +5,7 @@
 
 const S = {
   view: "candidates", items: [], shown: [], sel: 0, seq: 0, set: "", filter: "all",
-  undo: [],            // this tab's decisions, newest last: {item, seq}
+  undo: [],            // this tab's decisions, newest last: {item, seq (null while in flight)}
   pending: new Map(),  // item -> count of decisions in flight
   errors: new Map(),   // item -> why the last one failed
   queue: Promise.resolve(),
@@ -28,7 +28,7 @@ async function load(view) {
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.view === view);
   S.sel = 0;
   render();
-  stats();
+  if (data.stats) showStats(data.stats.overall); else stats();
 }
 
 function visible(it) { return S.filter === "all" || it.status === S.filter; }
@@ -115,24 +115,33 @@ function apply(u) {
 
 function indexOf(item) { return S.shown.findIndex((x) => x.item === item); }
 
-function post(body) {
+function post(body, entry = null) {
   const item = body.item;
   S.pending.set(item, (S.pending.get(item) || 0) + 1);
   S.errors.delete(item);
   redraw(indexOf(item)); if (S.shown[S.sel]?.item === item) side();
+  // Undo is pressed against the last decision PRESSED, which may still be in flight: its entry
+  // is on the stack at once and learns its number when the server answers.
+  const mine = body.action === "undo" ? null : {item, seq: null};
+  if (mine) S.undo.push(mine);
   // One queue per tab: a keep and its undo reach the server in the order they were pressed.
   S.queue = S.queue.then(async () => {
     let res;
     try {
+      if (entry) {
+        if (entry.seq === null) throw new Error("the decision to undo was not saved");
+        body.undoes = entry.seq;
+      }
       const r = await fetch("/api/decide", {method: "POST", headers: {"Content-Type": "application/json"},
                                             body: JSON.stringify({...body, client: S.client})});
       res = await r.json();
       if (!r.ok) throw new Error(res.error || `HTTP ${r.status}`);
       apply(res.update);
-      if (body.action !== "undo") S.undo.push({item, seq: res.seq});
+      if (mine) mine.seq = res.seq;
       if (res.error) S.errors.set(item, res.error);
       $("net").textContent = ""; $("net").classList.remove("bad");
     } catch (e) {
+      if (mine) S.undo.splice(S.undo.indexOf(mine), 1);
       S.errors.set(item, String(e.message || e));
       $("net").textContent = "a decision was not saved"; $("net").classList.add("bad");
     } finally {
@@ -157,7 +166,7 @@ function decide(action) {
 
 function undo() {
   const last = S.undo.pop();
-  if (last) post({item: last.item, action: "undo", undoes: last.seq});
+  if (last) post({item: last.item, action: "undo"}, last);
 }
 
 function saveCaption() {
@@ -185,10 +194,13 @@ async function poll() {
   setTimeout(poll, 1000);
 }
 
+function showStats(o) {
+  $("hit").textContent = `kept ${o.kept} of ${o.seen} seen` + (o.hit_rate === null ? "" : ` (${Math.round(o.hit_rate * 100)}%)`);
+}
+
 async function stats() {
   try {
-    const o = (await (await fetch("/api/stats")).json()).overall;
-    $("hit").textContent = `kept ${o.kept} of ${o.seen} seen` + (o.hit_rate === null ? "" : ` (${Math.round(o.hit_rate * 100)}%)`);
+    showStats((await (await fetch("/api/stats")).json()).overall);
   } catch (e) { /* the poll reports the server's absence */ }
 }
 
