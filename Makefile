@@ -9,6 +9,8 @@ PORT ?= 4200
 HOST := 127.0.0.1
 SAMPLES ?= 60
 NIGHTLY_CRON ?= 0 2 * * *
+CURATE_PORT ?= 8765
+SET ?= curated
 
 # A local, quiet, offline Prefect: its database and logs live in .niche/.
 export PREFECT_HOME := $(STATE)/prefect
@@ -20,7 +22,7 @@ export DVC_NO_ANALYTICS := 1
 export NICHE_NIGHTLY_CRON := $(NIGHTLY_CRON)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo train train-sdxl test venv sample server serve stop deploy-run status lock clean-demo
+.PHONY: demo train train-sdxl candidates curate test venv sample server serve stop deploy-run status lock clean-demo
 
 venv: $(VENV)/.installed $(RAWFS_PTH)
 $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt pyproject.toml
@@ -38,21 +40,24 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt py
 $(RAWFS_PTH): $(VENV)/.installed tasks/core/rawfs.py tasks/core/storelinks.py tasks/core/importhook.py
 	$(BIN)/python -m tasks.core.rawfs install
 
-# The whole job on the tiny profile: sample data -> build-dataset -> train ->
-# validate, then the SDXL trainer (latents, negative LoRA, LoRA, sweep), each a flow
-# run on a local Prefect server, DVC recording every stage.
+# The whole job on the tiny profile: sample data -> build-dataset -> train (NanoDiT) ->
+# train (SDXL: latents, negative LoRA, LoRA, sweep) -> generate-candidates (words ->
+# prompts -> candidates to curate) -> validate, each a flow run on a local Prefect server,
+# DVC recording every stage.
 # The server and the deployment runner start first, so the UI shows the deployments
 # and validate-nightly/local's schedule. The four runs are runs of those deployments'
 # flows, run here in the terminal (not through the runner) so that the dataset
 # report and the report's path are printed here.
 # Ends with the path of the run's HTML report; leaves the server and runner up (make stop).
 demo: venv
-	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4
+	@$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4 \
+		--words data/prompts/words.txt
 	@$(BIN)/python -m tasks.profile tiny
 	@$(MAKE) --no-print-directory serve
 	@$(BIN)/python -m flows.build_dataset --report
 	@$(BIN)/python -m flows.train --skip-dataset
 	@$(BIN)/python -m flows.train --skip-dataset --trainer sdxl
+	@$(BIN)/python -m flows.generate_candidates
 	@$(BIN)/python -m flows.validate
 
 # Train NanoDiT through the train flow (dataset first, as DVC says); after `make demo`
@@ -65,6 +70,16 @@ train: server
 train-sdxl: server
 	@$(BIN)/python -m flows.train --trainer sdxl
 
+# Words (data/prompts/words.txt) -> prompts (expand) -> candidates through the
+# generate-candidates flow; a LoRA or NanoDiT generator's newest checkpoint is pinned in params.yaml.
+candidates: server
+	@$(BIN)/python -m flows.generate_candidates
+
+# The curation page on http://127.0.0.1:$(CURATE_PORT)/ (press ? there): keep, reject, undo,
+# captions, from the keyboard. Kept -> data/raw/$(SET)/, rejected -> data/raw/rejected/. Ctrl-C stops.
+curate: venv
+	@$(BIN)/python -m tasks.curate serve --port $(CURATE_PORT) --set $(SET)
+
 # Two pytest-xdist workers, a test file each at a time (module fixtures stay in one process):
 # the suite waits on subprocesses and servers half the time, so two fill two cores.
 TEST_WORKERS ?= 2
@@ -72,7 +87,7 @@ test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 sample: venv
-	$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4
+	$(BIN)/python -m tasks.sample --out data/raw --figures $(SAMPLES) --photos --bad-examples --rejects 4 --words data/prompts/words.txt
 
 # Prefect server on 127.0.0.1 (UI at http://127.0.0.1:$(PORT)), in the background.
 server: venv

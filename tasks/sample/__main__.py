@@ -6,6 +6,8 @@ Writes figures/ (particle figures + captions + true keypoints), photos/ (real
 photographs in awkward modes), problems/ (files ingest must refuse) and
 rejected/ (figures with a visible defect, as a curator's rejects; with
 --bad-examples also one corrupt file there, quarantined rather than a reject).
+--words FILE writes the `expand` stage's words (ideas to turn into prompts), unless the
+file exists: it is the user's.
 Deterministic: the same arguments give the same bytes.
 """
 from __future__ import annotations
@@ -35,6 +37,20 @@ def make_sample(out: Path, figures: int, seed: int = 0, photos: bool = True,
     return expected
 
 
+# The particleArt seeds' kind of ideas: a word becomes a scene, the scene a particle figure.
+WORDS = ("love", "joy", "juggling three balls", "waiting for someone")
+
+
+def write_words(path: Path) -> bool:
+    """The demo's words file, unless there is one; returns whether it was written."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# One word or scene idea per line (the `expand` stage's input; # starts a comment).\n"
+                    + "".join(f"{w}\n" for w in WORDS), encoding="utf-8")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("data/raw"))
@@ -45,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bad-examples", action="store_true", help="add files ingest must refuse")
     ap.add_argument("--rejects", type=int, default=0,
                     help="number of rejected images (figures with a defect) under <out>/rejected/")
+    ap.add_argument("--words", type=Path, help="also write this words file for `expand` (kept if it exists)")
     args = ap.parse_args(argv)
     if args.rejects < 0:
         ap.error(f"--rejects: expected >= 0, got {args.rejects}")
@@ -55,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({args.figures} figures{', photos' if args.photos else ''}"
           f"{f', {args.rejects} rejects' if args.rejects else ''}"
           f"{f', {len(expected)} problem files' if expected else ''})")
+    if args.words and write_words(args.words):
+        print(f"words for expand: {args.words} ({len(WORDS)} ideas)")
 
 
 if __name__ == "__main__":
