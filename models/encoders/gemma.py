@@ -77,6 +77,15 @@ class Generation:
     tokens: int  # generated tokens, the end token not counted
 
 
+def decode_until_stop(tokenizer, ids: list[int], stop_ids: list[int]) -> Generation:
+    """One generated row as text, cut at its first end token (what follows it is padding)."""
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    if end is not None:
+        ids = ids[:end]
+    return Generation(text=tokenizer.decode(ids, skip_special_tokens=True), ended=end is not None, tokens=len(ids))
+
+
 class GemmaCaptioner:
     """Gemma 3 loaded once; `caption` runs one batched, left-padded generate()."""
 
@@ -134,12 +143,7 @@ class GemmaCaptioner:
         return [self._decode(ids) for ids in new]
 
     def _decode(self, ids: list[int]) -> Generation:
-        stops = set(self.stop_ids)
-        end = next((i for i, t in enumerate(ids) if t in stops), None)
-        if end is not None:
-            ids = ids[:end]  # what follows the end token is padding
-        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-        return Generation(text=text, ended=end is not None, tokens=len(ids))
+        return decode_until_stop(self.processor.tokenizer, ids, self.stop_ids)
 
 
 # ---------------------------------------------------------------- tiny model

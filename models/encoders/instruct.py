@@ -19,7 +19,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from models.encoders.gemma import Generation
+from models.encoders.gemma import Generation, decode_until_stop
 from models.hub import SetupError, mark_tiny, torch_dtype
 
 log = logging.getLogger("niche.expand")
@@ -107,12 +107,7 @@ class InstructModel:
         return [self._decode(ids) for ids in new]
 
     def _decode(self, ids: list[int]) -> Generation:
-        stops = set(self.stop_ids)
-        end = next((i for i, t in enumerate(ids) if t in stops), None)
-        if end is not None:
-            ids = ids[:end]  # what follows the end token is padding
-        return Generation(text=self.tok.decode(ids, skip_special_tokens=True), ended=end is not None,
-                          tokens=len(ids))
+        return decode_until_stop(self.tok, ids, self.stop_ids)
 
 
 # ---------------------------------------------------------------- tiny model
