@@ -1,6 +1,7 @@
 """Stage `caption`: a text caption per bucketed image, from Gemma 3
 (transformers), a running Ollama server, OpenAI-compatible servers (vLLM,
-SGLang; several endpoints, with failover), or the sidecar .txt files ingest read.
+SGLang; several endpoints, with failover), or the sidecar .txt files ingest read
+(`backend: sidecar`; or `sidecar_first`: a model backend for the images without one).
 
 The store keeps the RAW model output per key (text, whether the model ended on
 its own, token count); the trigger word and whitespace normalisation are applied
@@ -73,6 +74,9 @@ class CaptionParams:
     backend: Literal["transformers", "ollama", "openai", "sidecar"] = "transformers"
     instruction: str = DEFAULT_INSTRUCTION
     trigger: str = ""  # e.g. "TOK": captions become "TOK, <caption>"; not part of the key
+    # A model backend with sidecar_first: an image's own .txt (written by hand or kept and fixed on
+    # the curation page) is its caption; the model captions only the images without one.
+    sidecar_first: bool = False
     # transformers backend
     model: str = "google/gemma-3-27b-it"  # hub id or local folder
     revision: str | None = None
@@ -169,10 +173,10 @@ def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path,
              executor) -> Report:
     sidecar: dict[str, str | None] = {}
     resolved = None
-    if p.backend == "sidecar":
+    if p.backend == "sidecar" or p.sidecar_first:
         ingested = manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()
         sidecar = {r["id"]: r["caption"] for r in ingested}
-    elif p.backend == "transformers":
+    if p.backend == "transformers":
         from models.hub import resolve
 
         # Resolved (not loaded) on every run: its revision is part of every key.
@@ -180,22 +184,21 @@ def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path,
     gen = _generation_params(p)
     model_key = _model_key(p, resolved, executor)
 
-    rows, work, failed_before, by_id = [], [], {}, {}
+    rows, work, side_work, failed_before, by_id = [], [], [], {}, {}
     for s in samples:
         row = dict(id=s["id"], split=s["split"], key=None, file=None, text=None, flags=[], error=None)
         rows.append(row)
+        text = (sidecar.get(s["id"]) or "").strip()
         if s["error"] is not None:
             failed_before[s["id"]] = f"bucket failed: {s['error']}"
-        elif p.backend == "sidecar":
-            text = (sidecar.get(s["id"]) or "").strip()
-            if not text:
-                failed_before[s["id"]] = "no sidecar caption"
-                continue
+        elif text:  # the sidecar backend, or sidecar_first and the image has a .txt
             digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
             row["key"] = item_key("caption", VERSION, [s["id"], digest], {"backend": "sidecar"})
+            side_work.append((s["id"], row["key"]))
+        elif p.backend == "sidecar":
+            failed_before[s["id"]] = "no sidecar caption"
         else:
             row["key"] = item_key("caption", VERSION, [s["key"]], gen, model=model_key)
-        if row["key"] is not None:
             by_id[s["id"]] = s
             work.append((s["id"], row["key"]))
 
@@ -203,14 +206,16 @@ def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path,
         s = by_id[item_id]
         return read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"])
 
-    if p.backend == "sidecar":
-        worker, read_input, batch_size = SidecarWorker(), lambda i: sidecar[i].strip(), 256
-    else:
+    report = run_model("caption", side_work, store, SidecarWorker(), lambda i: sidecar[i].strip(), 256,
+                       executor=LocalModels())
+    worker: CaptionWorker = SidecarWorker()
+    if p.backend != "sidecar":
         worker, batch_size = _worker(p, resolved, executor.device()), p.batch_size
-        read_input = read_image
         if p.backend == "openai":
             batch_size = worker.pool.concurrency  # one batch fills every endpoint's in-flight slots
-    report = run_model("caption", work, store, worker, read_input, batch_size, executor=executor)
+        # A fully cached run (or one where every image has a sidecar) never loads the model.
+        report = _merged(report, run_model("caption", work, store, worker, read_image, batch_size,
+                                           executor=executor))
     worker.after()  # a server that went away mid-run fails the stage, not just its items
 
     for item_id, err in failed_before.items():
@@ -221,6 +226,17 @@ def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path,
     report.extra = _fill_rows(rows, store, report.failures, p)
     manifest.write_table(rows, SCHEMA, out_dir / "caption.parquet", sort_by="id")
     return report
+
+
+def _merged(a: Report, b: Report) -> Report:
+    """The sidecar captions' run and the model's, as one stage's counts."""
+    a.total += b.total
+    a.computed += b.computed
+    a.reused += b.reused
+    a.failed += b.failed
+    a.failures.update(b.failures)
+    a.seconds += b.seconds
+    return a
 
 
 def _fill_rows(rows: list[dict], store: Store, failures: dict[str, str], p: CaptionParams) -> dict:

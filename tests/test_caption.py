@@ -202,6 +202,31 @@ def test_sidecar_captions_come_from_ingest_and_a_missing_one_is_listed(chdir):
     assert "a figure drawn in dots" in {r["text"] for r in _rows()}
 
 
+def test_sidecar_first_keeps_each_txt_and_the_model_captions_only_the_rest(chdir, tiny):
+    make_sample(Path("data/raw"), figures=3, photos=False, bad_examples=False)
+    Path("data/raw/figures/figure_00001.txt").unlink()
+    ingest(IngestParams(), workers=2)
+    bucket(SMALL, workers=2)
+    paths = {r["id"]: r["path"] for r in pq.read_table(M / "ingest.parquet").to_pylist()}
+    p = CaptionParams(model=str(tiny), max_new_tokens=8, sidecar_first=True)
+    report = caption(p, workers=2)
+    assert report.computed == 3 and report.failed == 0
+    by_path = {paths[r["id"]]: r["text"] for r in _rows()}
+    for path, text in by_path.items():
+        txt = Path(path).with_suffix(".txt")
+        if txt.exists():
+            assert text == normalize(txt.read_text())
+        else:  # figure_00001: no .txt, so the model wrote it
+            assert text and text != normalize(Path("data/raw/figures/figure_00002.txt").read_text())
+
+    # A caption fixed by hand (or on the curation page) is one caption; nothing else is asked.
+    Path("data/raw/figures/figure_00002.txt").write_text("a figure fixed in place")
+    ingest(IngestParams(), workers=2)
+    again = caption(p, workers=2)
+    assert (again.computed, again.reused) == (1, 2)
+    assert "a figure fixed in place" in {r["text"] for r in _rows()}
+
+
 def test_a_missing_model_names_the_parameter(bucketed, monkeypatch):
     # An empty hub cache: on a machine that has the real model, it must not load 27B here.
     # (huggingface_hub reads HF_HUB_CACHE once, at import: patch the constant it uses.)
