@@ -43,7 +43,9 @@ function cardHTML(it, i) {
   const q = it.reason ? `<div class="quarantine" title="${esc(it.detail)}">${esc(it.reason)}</div>` : "";
   const line = it.view === "candidates" ? `${esc(it.word || "")} · seed ${it.seed}` : esc(it.path);
   return `<div class="card ${status}${i === S.sel ? " selected" : ""}" data-i="${i}" data-item="${esc(it.item)}" ` +
-    `data-status="${esc(it.status)}"><img loading="lazy" decoding="async" alt="" src="/thumb/${enc(it.file)}?w=256">` +
+    `data-status="${esc(it.status)}"><img loading="lazy" decoding="async" alt="" src="/thumb/${enc(it.file)}?w=256" ` +
+    // A quarantined file that is not an image: its reason shows instead.
+    `onerror="this.style.visibility='hidden'">` +
     `${badge}${q}<div class="line">${line}</div></div>`;
 }
 
