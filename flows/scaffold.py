@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_TYPE = "hardlink"
-FILES = ["tasks", "models", "profiles", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
+FILES = ["tasks", "models", "profiles", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/prompts"]
 
 
 def scaffold(dst: Path) -> Path:
@@ -24,7 +24,7 @@ def scaffold(dst: Path) -> Path:
     for name in FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         else:
             shutil.copy2(src, dst / name)
     dvc = str(Path(sys.executable).parent / "dvc")

@@ -332,6 +332,12 @@ def candidates(p: CandidatesParams, in_table: Path = EXPAND_TABLE, out_table: Pa
     for r in expand_rows:
         if r["prompt"] is not None:
             prompts.setdefault(r["prompt"], r)
+    if not prompts:  # no words yet: nothing to render, and no generator to find or load
+        log.info("%s: %s holds no prompt: nothing to render", STAGE, in_table)
+        manifest.write_table([], CANDIDATES, Path(out_table), sort_by="id")
+        Store(store_dir, ".png").mark()  # the stage's out exists, empty
+        return Report(STAGE, seconds=time.perf_counter() - t_stage,
+                      extra={"generator": p.generator, "prompts": 0, "expand_rows": len(expand_rows)})
     g = plan(p, root, params_file)
     store = Store(store_dir, ".png")
     rows, inputs, work = [], {}, []

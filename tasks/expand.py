@@ -218,7 +218,13 @@ def expand(p: ExpandParams, out: Path = EXPAND_TABLE, store_dir: Path = STORE, w
     # `workers` is not used: the model uses the cores (or the GPU), a server is its own scale-out.
     words = read_words(Path(p.words))
     if not words:
-        raise SetupError(f"expand.words: {p.words} holds no word (only blank lines or # comments)")
+        # The shipped words file holds only comments: `dvc repro` must cost nothing (and need no
+        # model) for a project that does not use the front of the loop.
+        log.info("expand: %s holds no word (only blank lines or # comments): nothing to expand", p.words)
+        manifest.write_table([], EXPAND, out, sort_by="id")
+        Store(store_dir, ".json").mark()  # the stage's out exists, empty
+        return Report("expand", extra={"words": 0, "variations": p.variations,
+                                       "templates": [name for name, _ in p.templates], "prompts": 0})
     executor = model_executor(params_file) if p.backend == "transformers" else LocalModels()
     with executor:
         return _expand(p, words, out, Store(store_dir, ".json"), executor)

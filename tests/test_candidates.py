@@ -260,6 +260,14 @@ def test_nanodit_checkpoint_newest_of_the_train_run(chdir, tiny_models, monkeypa
     assert candidates(p, params_file=f).reused == 4  # back on the newest: all there, nothing loads
 
 
+def test_no_prompts_render_nothing_and_need_no_generator(chdir, monkeypatch):
+    """The shipped words file holds only comments: `dvc repro` must not look for a model."""
+    no_model_may_load(monkeypatch)
+    write_expand([])
+    report = candidates(CandidatesParams(generator="lora", checkpoint="runs/none"))
+    assert (report.total, report.computed) == (0, 0) and table() == []
+
+
 @pytest.mark.parametrize("raw, key", [
     ({"steps": 0}, "candidates.steps"),
     ({"seeds": [1, 1]}, "candidates.seeds"),

@@ -37,8 +37,10 @@ def test_curate_train_generate_with_the_new_checkpoint_curate_again(tiny_repo, p
     from tasks.curate.server import Curation
 
     root = tiny_repo
-    (root / "data/prompts").mkdir(parents=True)
-    (root / "data/prompts/words.txt").write_text("# one idea per line\njoy\n", encoding="utf-8")
+    # The scaffold ships the words file with comments only; the user adds an idea.
+    words = root / "data/prompts/words.txt"
+    assert words.is_file()
+    words.write_text(words.read_text(encoding="utf-8") + "joy\n", encoding="utf-8")
     set_params(root, {"candidates": {"seeds": [0]}, "train_lora": {"steps": 4, "checkpoint_every": 2}})
 
     first = generate_candidates(root=str(root))

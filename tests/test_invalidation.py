@@ -135,6 +135,10 @@ def test_dvc_metrics_show_is_one_narrow_table_of_counts(built):
     # longer numbers than the demo's: still one narrow table.
     Report("latents", total=1000, computed=1000, seconds=999.5, extra={"per_size": {"64x64": 1000}}).write(
         built / "metrics")
+    # The front of the loop's stages (tasks/expand.py, tasks/candidates.py) write Reports too.
+    Report("expand", total=4000, computed=4000, seconds=812.25, extra={"prompts": 8000}).write(built / "metrics")
+    Report("candidates", total=16000, computed=16000, seconds=99999.5, extra={"generator": "lora"}).write(
+        built / "metrics")
     for name, doc in (("train", {"step": 100000, "loss": 0.123456}), ("train_lora", {"step": 2000, "loss": 0.1}),
                       ("train_wrong", {"step": 0, "loss": None}),  # no rejects: no step, no loss
                       ("validate", {"step": 100000, "lpips": 0.512345, "comparable": False})):
@@ -143,4 +147,5 @@ def test_dvc_metrics_show_is_one_narrow_table_of_counts(built):
     assert max(map(len, lines)) <= 120, "\n".join(lines)
     assert set(lines[0].split()) == {"Path", "total", "computed", "reused", "failed", "seconds", "step", "loss",
                                      "lpips", "comparable"}
-    assert len(lines) == 1 + len(DATASET_STAGES) + 5  # + latents, train, train_lora, train_wrong, validate
+    # + latents, train, train_lora, train_wrong, validate, expand, candidates
+    assert len(lines) == 1 + len(DATASET_STAGES) + 7, "\n".join(lines)

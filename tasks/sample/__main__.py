@@ -6,8 +6,8 @@ Writes figures/ (particle figures + captions + true keypoints), photos/ (real
 photographs in awkward modes), problems/ (files ingest must refuse) and
 rejected/ (figures with a visible defect, as a curator's rejects; with
 --bad-examples also one corrupt file there, quarantined rather than a reject).
---words FILE writes the `expand` stage's words (ideas to turn into prompts), unless the
-file exists: it is the user's.
+--words FILE adds the `expand` stage's demo words (ideas to turn into prompts) to a words file
+that holds none yet; one with words is the user's and is left alone.
 Deterministic: the same arguments give the same bytes.
 """
 from __future__ import annotations
@@ -42,12 +42,14 @@ WORDS = ("love", "joy", "juggling three balls", "waiting for someone")
 
 
 def write_words(path: Path) -> bool:
-    """The demo's words file, unless there is one; returns whether it was written."""
-    if path.exists():
+    """The demo's words, appended to a words file that holds none yet (the shipped one holds only
+    comments); one with words is the user's and stays as it is. Returns whether it wrote."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if any(line.strip() and not line.strip().startswith("#") for line in text.splitlines()):
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# One word or scene idea per line (the `expand` stage's input; # starts a comment).\n"
-                    + "".join(f"{w}\n" for w in WORDS), encoding="utf-8")
+    head = text if text.endswith("\n") or not text else text + "\n"
+    path.write_text(head + "".join(f"{w}\n" for w in WORDS), encoding="utf-8")
     return True
 
 
