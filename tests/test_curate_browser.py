@@ -85,10 +85,15 @@ def test_keys_caption_reload_and_a_second_tab(browser, tmp_path):
         assert len(list((root / "data/raw/particles").glob("*.png"))) == 5
         shown = statuses(page)
 
-        # Reload: the page shows the same state, from the log.
+        # The server killed (SIGKILL) and started again on the same port: the reloaded page shows
+        # the same state, from the log, and the files are as they were.
+        on_disk = sorted(p.relative_to(root).as_posix() for p in (root / "data/raw").rglob("*.png"))
+        srv.kill()
+        srv.start()
         page.reload()
         page.wait_for_selector(".card")
         assert statuses(page) == shown
+        assert sorted(p.relative_to(root).as_posix() for p in (root / "data/raw").rglob("*.png")) == on_disk
 
         # A second tab sees the first one's decisions (polling), and its own are not lost.
         other = browser.new_page(viewport={"width": 1280, "height": 800})
