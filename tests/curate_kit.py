@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from PIL import Image
 
 from tasks.core import manifest
 from tasks.curate.tables import CANDIDATES, CANDIDATES_STORE, CANDIDATES_TABLE
+from tests.openai_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,6 @@ def make_project(root: Path, n_candidates: int = 6, words: tuple[str, ...] = ("l
     (root / "runs/sdxl/sweep.png").write_bytes((raw / "photos/b.png").read_bytes())
     (root / "secret.txt").write_text("outside data and runs", encoding="utf-8")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

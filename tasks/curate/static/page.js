@@ -152,7 +152,7 @@ function post(body, entry = null) {
       const i = indexOf(item);
       if (i >= 0) redraw(i);
       if (S.shown[S.sel]?.item === item) side();
-      stats();
+      if (!S.pending.size) stats();  // once a burst has landed, not once per key
     }
     return res;
   });
