@@ -51,6 +51,9 @@ _NOT_FILES = {rawfs.BROKEN_SYMLINK, rawfs.SYMLINK_LOOP, rawfs.NOT_A_FILE, rawfs.
 class IngestParams:
     sources: tuple[str, ...] = ("data/raw",)
     caption_ext: str = ".txt"
+    # Tags beside an image (`a.png` + `a.tags`: "1girl, solo, watermark"), comma- or line-separated;
+    # the SDXL full fine-tune builds tag-string prompts from them (train_sdxl.tag_share). null: none.
+    tags_ext: str | None = ".tags"
     # Files that are neither images nor captions and belong there (hidden files,
     # the sample generator's ground-truth poses). Matched against the file name.
     ignore: tuple[str, ...] = (".*", "*.pose.json")
@@ -73,6 +76,10 @@ class IngestParams:
             raise ValueError("ingest.sources: expected at least one folder")
         if not self.caption_ext.startswith("."):
             raise ValueError(f"ingest.caption_ext: expected an extension like '.txt', got {self.caption_ext!r}")
+        if self.tags_ext is not None and (not self.tags_ext.startswith(".")
+                                          or self.tags_ext.lower() == self.caption_ext.lower()):
+            raise ValueError(f"ingest.tags_ext: expected an extension like '.tags' other than caption_ext, or null; "
+                             f"got {self.tags_ext!r}")
         for name in ("holdout_count", "max_pixels", "min_side"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ingest.{name}: expected >= 0, got {getattr(self, name)}")
@@ -127,6 +134,11 @@ def _read_caption(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ImageRejected("caption_not_utf8", f"caption is not valid UTF-8 ({e})") from None
     return text.removeprefix("\ufeff").strip()
+
+
+def split_tags(text: str) -> list[str]:
+    """"a, b\nc" → ["a", "b", "c"]: booru-style tag lists, one tag per comma or line, blanks dropped."""
+    return [t.strip() for line in text.splitlines() for t in line.split(",") if t.strip()]
 
 
 def _holdout(ids: list[str], p: IngestParams) -> set[str]:
@@ -237,10 +249,17 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
             except ImageRejected as e:
                 quarantine.append(dict(path=c["caption_file"].as_posix(), reason=e.code,
                                        detail=f"{e.detail}; {c['path']} is kept without a caption", id=cid))
+        tags = None
+        if c.get("tags_file") is not None:
+            try:
+                tags = split_tags(_read_caption(c["tags_file"]))
+            except ImageRejected as e:
+                quarantine.append(dict(path=c["tags_file"].as_posix(), reason=e.code.replace("caption", "tags"),
+                                       detail=f"{e.detail}; {c['path']} is kept without tags", id=cid))
         rows.append(dict(id=cid, path=c["path"], source=c["source"], format=rec["format"],
                          width=rec["width"], height=rec["height"], mode=rec["mode"],
                          orientation=rec["orientation"], bytes=c["bytes"], caption=caption,
-                         caption_path=caption_path, split="rejected" if c["rejected"] else "train",
+                         caption_path=caption_path, tags=tags, split="rejected" if c["rejected"] else "train",
                          duplicates=[d["path"] for d in dups]))
 
     # Drawn from the approved images only: rejects (often 10x as many) are no

@@ -102,6 +102,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
     from tasks.latents import LatentsParams
     from tasks.profile import apply, load_profile
     from tasks.shard import ShardParams
+    from tasks.sdxl.full_params import FullParams
     from tasks.sdxl.params import LoraParams, WrongParams
     from tasks.nanodit.params import TrainParams
     from tasks.validate import ValidateParams
@@ -114,7 +115,7 @@ def test_params_yaml_and_the_real_profile_hold_the_stages_own_defaults(tmp_path)
                "embed_text": EmbedTextParams, "embed_image": EmbedImageParams,
                "embed_pose": EmbedPoseParams, "shard": ShardParams, "latents": LatentsParams,
                "train": TrainParams, "validate": ValidateParams,
-               "train_lora": LoraParams, "train_wrong": WrongParams, "executor": ExecutorParams,
+               "train_lora": LoraParams, "train_wrong": WrongParams, "train_sdxl": FullParams, "executor": ExecutorParams,
                "expand": ExpandParams}
     doc = yaml.safe_load(params.read_text())
     assert set(doc) == set(classes)

@@ -27,6 +27,7 @@ INGEST = pa.schema([
     pa.field("bytes", pa.int64(), nullable=False),
     pa.field("caption", pa.string()),  # sidecar text, null when none
     pa.field("caption_path", pa.string()),
+    pa.field("tags", pa.list_(pa.string())),  # the `.tags` sidecar's tags, null when none
     pa.field("split", pa.string(), nullable=False),  # "train" | "holdout" | "rejected" (a curator's reject)
     pa.field("duplicates", pa.list_(pa.string()), nullable=False),  # same bytes, other paths
 ])

@@ -118,6 +118,11 @@ def mark_rejected(candidates: list[dict], p, folders: list[Path]) -> None:
             log.warning("ingest.rejected_list: %s not found; ignored (the rest of the list applies)", line)
 
 
+def sidecar_exts(p) -> list[str]:
+    """The sidecar extensions, longest first: with `.txt` and `.tags.txt`, `a.tags.txt` is a's tags."""
+    return sorted({e for e in (p.caption_ext, getattr(p, "tags_ext", None)) if e}, key=len, reverse=True)
+
+
 def scan(p) -> tuple[list[dict], list[dict]]:
     """Find image candidates and captions; return (candidates, quarantine rows)."""
     roots = [Path(s) for s in p.sources]
@@ -148,19 +153,21 @@ def scan(p) -> tuple[list[dict], list[dict]]:
             if kind != rawfs.FILE:
                 bad.append(dict(path=rel, reason=kind, detail=detail, id=None))
                 continue
-            if path.suffix.lower() == p.caption_ext.lower():
-                captions[(path.parent, path.stem)] = path
+            ext = next((e for e in sidecar_exts(p) if path.name.lower().endswith(e.lower())), None)
+            if ext is not None:
+                captions[(path.parent, path.name[:-len(ext)], ext)] = path
                 continue
             candidates.append(dict(path=rel, source=root.as_posix(), file=path))
     # Attach sidecar captions; a caption whose image does not exist is listed.
     used = set()
     for c in candidates:
-        cap = captions.get((c["file"].parent, c["file"].stem))
-        c["caption_file"] = cap
-        if cap is not None:
-            used.add(cap)
+        for ext, field in ((p.caption_ext, "caption_file"), (getattr(p, "tags_ext", None), "tags_file")):
+            cap = captions.get((c["file"].parent, c["file"].stem, ext)) if ext else None
+            c[field] = cap
+            if cap is not None:
+                used.add(cap)
     for cap in sorted(set(captions.values()) - used):
         bad.append(dict(path=cap.as_posix(), reason="orphan_caption",
-                        detail="caption file with no image of the same name", id=None))
+                        detail="caption or tags file with no image of the same name", id=None))
     mark_rejected(candidates, p, folders)
     return candidates, bad

@@ -28,6 +28,7 @@ log = logging.getLogger("niche.train_lora")
 
 LATENTS_TABLE = Path("data/manifest/latents.parquet")
 CAPTION_TABLE = Path("data/manifest/caption.parquet")
+INGEST_TABLE = Path("data/manifest/ingest.parquet")
 
 
 class NoSamples(ValueError):
@@ -42,6 +43,7 @@ class Row:
     size: tuple[int, int]  # (width, height) of the encoded image
     prompt: str
     time_ids: tuple[int, ...]
+    tags: tuple[str, ...] = ()  # the ingest manifest's tags (the full fine-tune's tag prompts)
 
 
 def load_rows(root: Path, p) -> list[Row]:
@@ -56,6 +58,12 @@ def load_rows(root: Path, p) -> list[Row]:
         if not cap.is_file():
             raise FileNotFoundError(f"{cap} is missing: run the caption stage (or set {p.SECTION}.prompt)")
         captions = {r["id"]: r["text"] for r in pq.read_table(cap, columns=["id", "text"]).to_pylist()}
+    tags: dict[str, tuple[str, ...]] = {}
+    if getattr(p, "tag_share", 0) > 0 and p.prompt is None and (root / INGEST_TABLE).is_file():
+        names = pq.read_schema(root / INGEST_TABLE).names
+        if "tags" in names:  # an ingest manifest from before tags has none
+            tags = {r["id"]: tuple(r["tags"]) for r in pq.read_table(root / INGEST_TABLE, columns=["id", "tags"])
+                    .to_pylist() if r["tags"]}
     rows, left_out = [], {}
     for r in sorted(pq.read_table(table).to_pylist(), key=lambda r: r["id"]):
         if r["split"] != p.split:
@@ -73,7 +81,7 @@ def load_rows(root: Path, p) -> list[Row]:
         ids = time_ids((r["orig_height"], r["orig_width"]), (r["crop_top"], r["crop_left"]),
                        (r["height"], r["width"]))
         rows.append(Row(r["id"], root / LATENTS_STORE / r["file"], r["bucket"], (r["width"], r["height"]),
-                        p.prompt_for(captions.get(r["id"])), tuple(ids)))
+                        p.prompt_for(captions.get(r["id"])), tuple(ids), tags.get(r["id"], ())))
     for item, why in sorted(left_out.items()):
         log.warning("%s: sample %s left out: %s", p.SECTION, item, why)
     if not rows:
@@ -140,6 +148,17 @@ class BucketBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def rank_slice(batch: list[Row], rank: int, world: int) -> list[tuple[int, Row]]:
+    """This rank's part of a global batch, each row with its place in the batch (what seeds its
+    randomness). A bucket's last, smaller batch is first filled up to a multiple of the world size
+    with its own rows again, at their own places: every rank computes on as many samples
+    (data-parallel gradients are averaged over ranks), and a batch of one on two ranks computes
+    that one sample twice alike, so its gradient is the one-rank gradient."""
+    per = -(-len(batch) // world)
+    places = [i % len(batch) for i in range(per * world)][rank * per:(rank + 1) * per]
+    return [(i, batch[i]) for i in places]
 
 
 def load_latents(batch: list[Row], scaling_factor: float, sample: bool, g: torch.Generator) -> torch.Tensor:

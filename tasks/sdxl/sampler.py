@@ -136,3 +136,33 @@ class SDXLSampler:
         image = pipe.vae.decode(x.to(self.vae_dtype) / scaling).sample
         arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(arr)
+
+
+class FullSampler(SDXLSampler):
+    """The sweep's Sampler for a full fine-tune (train_sdxl): each checkpoint's UNet, and its text
+    encoders when they trained, loaded into the one pipeline; the same flow-match Euler sampler."""
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        from tasks.sdxl.full_checkpoint import finished as full_finished
+        return full_finished(self.run_dir / "checkpoints")
+
+    def describe(self) -> dict:
+        return {"trainer": "sdxl-full", "run": str(self.run_dir), "objective": self.p.objective,
+                "steps": self.p.sample_steps, "guidance_scale": self.p.guidance_scale,
+                "shift": self.p.sample_shift, "template": self.p.prompt_template}
+
+    def _use(self, ckpt: Path | None) -> None:
+        from safetensors.torch import load_file
+
+        if self.loaded == ckpt and (ckpt is not None or self.meta == {}):
+            return
+        src = ckpt if ckpt is not None else self.model.path
+        self.pipe.unet.load_state_dict(load_file(str(src / "unet" / "diffusion_pytorch_model.safetensors")))
+        self.meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8")) if ckpt is not None else {}
+        if self.meta.get("params", {}).get("train_text_encoders") or getattr(self, "_text_changed", False):
+            # Trained text encoders, or back from them: the whole encoders of `src`.
+            text = sdxl.load_text_encoders(self.model if ckpt is None else sdxl.resolve_sdxl(str(src), "checkpoint"),
+                                           f"{self.p.SECTION}.model", self.dtype, self.device)
+            self.pipe.text_encoder, self.pipe.text_encoder_2 = text.text_encoder, text.text_encoder_2
+            self._text_changed = ckpt is not None
+        self.loaded = ckpt

@@ -1,0 +1,191 @@
+"""The SDXL full fine-tune on the tiny SDXL (4 images): prompts built on the fly, the loss falling,
+exact resume with EMA and trained text encoders, checkpoints that are diffusers folders and one
+original-layout file giving the same image, and torchrun with 2 gloo ranks (DDP and FSDP2)."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tasks.core.params import from_dict
+from tasks.sdxl import prompts
+from tasks.sdxl.full_params import FullParams
+from tests.conftest import make_repo, run
+from tests.openai_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(model=str(ROOT / "models/tiny/sdxl"), steps=4, batch_size=4, grad_accum=1, lr=1e-3, warmup_steps=1,
+             precision="fp32", gradient_checkpointing=False, checkpoint_every=2, log_every=1, export_dtype="fp32",
+             sample_steps=4, sweep_scenes=["a figure dancing"], sweep_seeds=[0], device="cpu")
+
+
+def params(**over) -> FullParams:
+    return from_dict(FullParams, {**SMALL, **over}, FullParams.SECTION)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    with (run_dir / "live" / "plots" / "metrics" / "train" / "loss.tsv").open() as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def unet_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_prompts_are_caption_or_shuffled_tags_and_ucg_splits_between_empty_and_quality():
+    p = params(tag_share=0.2, ucg=0.05, ucg_quality_share=0.5, quality_share=0.9)
+    tags = ("best quality", "1girl", "solo", "watermark", "red hair", "outdoors", "smile")
+    drawn = [prompts.build("a caption", tags, p, torch.Generator().manual_seed(i)) for i in range(4000)]
+    share = {k: sum(d == v for d in drawn) / len(drawn) for k, v in (("empty", ""), ("quality", "best quality"),
+                                                                     ("caption", "a caption"))}
+    tag_strings = [d for d in drawn if d not in ("", "best quality", "a caption")]
+    assert abs(share["empty"] - 0.025) < 0.01 and abs(share["quality"] - 0.025) < 0.01
+    assert abs(len(tag_strings) / len(drawn) - 0.95 * 0.2) < 0.02
+    assert abs(share["caption"] - 0.95 * 0.8) < 0.02
+    # Important tags always stay; the rest are shuffled and thinned to a random count.
+    assert all("watermark" in d.split(", ") for d in tag_strings)
+    assert len({d for d in tag_strings}) > 50
+    led = sum(d.startswith("best quality, ") for d in tag_strings) / len(tag_strings)
+    assert 0.85 < led < 0.95
+    # A sample's prompt is a function of its generator's seed alone.
+    again = [prompts.build("a caption", tags, p, torch.Generator().manual_seed(i)) for i in range(50)]
+    assert again == drawn[:50]
+    # No tags: always the caption (or a dropped prompt).
+    assert {prompts.build("c", (), p, torch.Generator().manual_seed(i)) for i in range(500)} == {"c", ""}
+
+
+@pytest.fixture(scope="module")
+def data_repo(tmp_path_factory, tiny_models):
+    """4 figures (2 with a .tags sidecar) through ingest, bucket, caption and latents."""
+    root, _ = make_repo(tmp_path_factory.mktemp("full") / "repo", figures=4, photos=False, bad=False)
+    images = sorted(p for p in (root / "data/raw").rglob("*.png"))
+    for img in images[:2]:
+        img.with_suffix(".tags").write_text("best quality, 1girl, solo,\nwatermark, smile\n", encoding="utf-8")
+    for stage in ("ingest", "bucket", "caption", "latents"):
+        run([sys.executable, "-m", f"tasks.{stage}"], root)
+    return root
+
+
+@pytest.fixture
+def root(data_repo, tmp_path):
+    dst = tmp_path / "repo"
+    shutil.copytree(data_repo, dst, symlinks=True)
+    return dst
+
+
+def test_ingest_reads_tags_and_the_trainer_rows_carry_them(root):
+    from tasks.sdxl.data import load_rows
+
+    table = pq.read_table(root / "data/manifest/ingest.parquet").to_pylist()
+    tagged = [r for r in table if r["tags"]]
+    assert len(tagged) == 2 and tagged[0]["tags"] == ["best quality", "1girl", "solo", "watermark", "smile"]
+    quarantine = pq.read_table(root / "data/manifest/quarantine.parquet").to_pylist()
+    assert not [q for q in quarantine if q["path"].endswith(".tags")]
+    rows = load_rows(root, params())
+    assert sum(bool(r.tags) for r in rows) == sum(1 for r in tagged if r["split"] == "train")
+
+
+def test_a_tiny_full_finetune_lowers_its_loss_and_its_checkpoint_is_a_pipeline(root, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from tasks.sdxl.full import FullTrainer
+    from tasks.sdxl.full_checkpoint import finished, single_file
+    from tasks.sdxl.sampler import FullSampler
+
+    p = params(steps=30, checkpoint_every=30, latent_sample=False, ucg=0.0, lr=2e-3, warmup_steps=3,
+               schedule="constant")
+    trainer = FullTrainer(p, root=root)
+    assert len(trainer.rows) == 4 or len(trainer.rows) == 3  # the holdout may take one
+    assert trainer.fit()["step"] == 30
+    got = [v for _, v in losses(root / "runs/sdxl-full")]
+    first, last = sum(got[:10]) / 10, sum(got[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    ckpt = finished(root / "runs/sdxl-full/checkpoints")[-1][1]
+    base = load_file(ROOT / "models/tiny/sdxl/unet/diffusion_pytorch_model.safetensors")
+    tuned = unet_weights(ckpt)
+    assert tuned.keys() == base.keys() and sum(not torch.equal(tuned[k], base[k]) for k in base) > 0.9 * len(base)
+    # A diffusers folder: the pipeline loads it as it is; a flow run's scheduler says so.
+    pipe = StableDiffusionXLPipeline.from_pretrained(ckpt, use_safetensors=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 6.0
+    assert all(torch.equal(pipe.unet.state_dict()[k], tuned[k]) for k in tuned)
+    # The single file in the original layout loads into a fresh pipeline with the same weights...
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    single = StableDiffusionXLPipeline.from_single_file(str(single_file(ckpt)), config=str(ckpt))
+    assert all(torch.equal(single.unet.state_dict()[k], tuned[k]) for k in tuned)
+    # ...and the flow sampler draws the same image from either.
+    sampler = FullSampler(p, root=root, device="cpu")
+    a = sampler.sample(ckpt, "a figure dancing", 0, "")
+    sampler.pipe.unet.load_state_dict(single.unet.state_dict())
+    sampler.loaded = ckpt
+    b = sampler.sample(ckpt, "a figure dancing", 0, "")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_stopped_run_resumes_exactly_with_ema_and_trained_text_encoders(root, tmp_path):
+    from tasks.sdxl.full import FullTrainer
+    from tasks.sdxl.full_checkpoint import TRAIN_WEIGHTS
+
+    other = tmp_path / "other"
+    shutil.copytree(root, other, symlinks=True)
+    p = params(ema=True, ema_decay=0.9, train_text_encoders=True, text_encoder_lr=1e-3, batch_size=2,
+               grad_accum=2)
+    FullTrainer(p, root=root).fit()
+    FullTrainer(p, root=other).fit(stop_at=2)
+    assert FullTrainer(p, root=other).fit()["step"] == 4
+    assert losses(root / "runs/sdxl-full") == losses(other / "runs/sdxl-full")
+    a, b = (r / "runs/sdxl-full/checkpoints/step-000004" for r in (root, other))
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors", TRAIN_WEIGHTS):
+        wa, wb = load_file(a / rel), load_file(b / rel)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), rel
+    # The export holds the EMA, which lags the raw weights; the text encoders trained.
+    raw = load_file(a / TRAIN_WEIGHTS)
+    ema = unet_weights(a)
+    assert any(not torch.equal(raw[f"unet.{k}"], ema[k]) for k in ema)
+    base_te = load_file(ROOT / "models/tiny/sdxl/text_encoder/model.safetensors")
+    te = load_file(a / "text_encoder/model.safetensors")
+    assert any(not torch.equal(te[k], base_te[k]) for k in base_te if k in te)
+    # The oldest checkpoints beyond keep_checkpoints are gone; the newest stay whole.
+    assert sorted(d.name for d in (root / "runs/sdxl-full/checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def _torchrun(root: Path, nproc: int, section: dict, out: Path) -> None:
+    doc = yaml.safe_load((root / "params.yaml").read_text())
+    doc["train_sdxl"] = {**doc["train_sdxl"], **section}
+    params_file = root / f"params-{out.name}.yaml"
+    params_file.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(free_port()), str(ROOT / "tests/sdxl_ranks.py"), str(params_file), str(out)],
+                   cwd=root, env=env, check=True, timeout=600)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(root, parallel):
+    common = dict(SMALL, steps=2, grad_accum=2, checkpoint_every=2, run="r1", ema=True, ema_decay=0.5)
+    _torchrun(root, 1, dict(common, batch_size=2, parallel=parallel), root / "one")
+    _torchrun(root, 2, dict(common, batch_size=1, run="r2", parallel=parallel), root / "two")
+    one, two = (load_file(root / f"runs/{r}/checkpoints/step-000002/{TRAIN}") for r in ("r1", "r2"))
+    assert one.keys() == two.keys()
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst < 1e-5, worst
+    changed = load_file(ROOT / "models/tiny/sdxl/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(one[f"unet.{k}"], v) for k, v in changed.items())  # it did train
+    # Every rank ends with the same weights (DDP: replicas; FSDP: the gathered whole).
+    hashes = [(root / "two" / f"rank{r}.sha").read_text() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    l1, l2 = losses(root / "runs/r1"), losses(root / "runs/r2")
+    assert [s for s, _ in l1] == [s for s, _ in l2] and all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(l1, l2))
+
+
+TRAIN = "train/weights.safetensors"
