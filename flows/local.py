@@ -25,8 +25,8 @@ from pathlib import Path
 STATE = Path(".niche")
 # What flows.serve creates (tests/test_local.py checks the two agree); read from the API here,
 # without importing the flows (torch, DVC) into this small command.
-DEPLOYMENTS = ("build-dataset/local", "train/local", "train/sdxl", "validate/local", "validate-nightly/local",
-               "generate-candidates/local")
+DEPLOYMENTS = ("build-dataset/local", "train/local", "train/sdxl", "train/sdxl-full", "validate/local",
+               "validate-nightly/local", "generate-candidates/local")
 NIGHTLY = "validate-nightly/local"
 
 

@@ -3,7 +3,7 @@ their runs until stopped.
 
     python -m flows.serve [--nightly-cron "0 2 * * *"]   # or `make serve` / `make demo` (background, 127.0.0.1)
 
-Deployments: build-dataset/local, train/local, train/sdxl, validate/local,
+Deployments: build-dataset/local, train/local, train/sdxl, train/sdxl-full, validate/local,
 validate-nightly/local (on the cron; $NICHE_NIGHTLY_CRON or --nightly-cron, default 02:00
 every day, the server's time zone UTC) and generate-candidates/local. Then e.g.
 `prefect deployment run validate/local`. Stopping it (SIGINT) pauses its deployments, as Prefect's `serve` does.
@@ -46,6 +46,13 @@ def deployments(root: Path, nightly_cron: str = NIGHTLY_CRON) -> list[RunnerDepl
             parameters={"root": str(root), "trainer": "sdxl"},
             description=f"Bring the dataset of {root} up to date, then the SDXL latents, the negative LoRA on "
                         "the rejects and the LoRA with pivotal tuning (resumes a stopped run); then the sweep.",
+            tags=["niche", "local", "sdxl"],
+        ),
+        train.to_deployment(
+            name="sdxl-full",
+            parameters={"root": str(root), "trainer": "sdxl-full"},
+            description=f"Bring the dataset of {root} up to date, then the SDXL latents and the full fine-tune "
+                        "with flow matching (train_sdxl, one process; resumes a stopped run); then the sweep.",
             tags=["niche", "local", "sdxl"],
         ),
         validate.to_deployment(

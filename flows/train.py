@@ -4,6 +4,10 @@
     trainer=sdxl      `latents`, the negative LoRA (`train_wrong`, on the curator's
                       rejects), then `train_lora` (LoRA + pivotal tuning), and the
                       checkpoint sweep grid of the LoRA run
+    trainer=sdxl-full `latents`, then `train_sdxl` (the whole UNet, flow matching: bigASP
+                      v2.5), and the sweep grid of its checkpoints (the flow-match Euler
+                      sampler with train_sdxl.sample_shift). One process; for many GPUs run
+                      `torchrun ... -m tasks.train_sdxl` (README: "Full fine-tune")
 
 DVC decides, as everywhere: the dataset stages run only when stale, and train
 only when its code, its params section or the shards changed. A stopped or
@@ -12,7 +16,7 @@ stage's outputs persist; see tasks/train.py). The trainer's log lines reach the
 task run; the final metrics are posted as a table artifact and the run's state
 (newest checkpoint, sample grid) as a markdown artifact.
 
-    python -m flows.train [--root .] [--skip-dataset] [--trainer nanodit|sdxl]
+    python -m flows.train [--root .] [--skip-dataset] [--trainer nanodit|sdxl|sdxl-full]
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ from flows import dvc_stage
 from flows.build_dataset import build_dataset
 
 
-TRAINERS = {"nanodit": ("train",), "sdxl": ("latents", "train_wrong", "train_lora")}
-RUN_DEFAULTS = {"train": "nanodit", "train_lora": "sdxl", "train_wrong": "sdxl-wrong"}
+TRAINERS = {"nanodit": ("train",), "sdxl": ("latents", "train_wrong", "train_lora"),
+            "sdxl-full": ("latents", "train_sdxl")}
+RUN_DEFAULTS = {"train": "nanodit", "train_lora": "sdxl", "train_wrong": "sdxl-wrong", "train_sdxl": "sdxl-full"}
 
 
 def run_dir(root: Path, section: str = "train") -> Path:
@@ -71,9 +76,17 @@ def train_stage(root: str, stage: str = "train") -> dict:
     if metrics:
         create_table_artifact(key=f"{key}-metrics", table=[{"metric": k, "value": v} for k, v in metrics.items()],
                               description=f"`{stage}`: the latest logged values of {run.relative_to(root_p)}")
-    use = (f"python -m tasks.sample_lora generate --section {stage} --checkpoint {ckpts[-1].relative_to(root_p)} "
-           "--scene \"...\" --out out.png" if stage != "train" and ckpts else
-           f"python -m tasks.generate --checkpoint {run.relative_to(root_p)} --prompt \"...\" --out out.png")
+    ckpts = [c for c in ckpts if c.is_dir()]
+    if stage == "train_sdxl" and ckpts:
+        single = next(ckpts[-1].glob("*-step-*.safetensors"), None)
+        use = (f"`StableDiffusionXLPipeline.from_pretrained(\"{ckpts[-1].relative_to(root_p)}\")` with the flow-match "
+               f"Euler sampler, or `{single.relative_to(root_p) if single else '?'}` in ComfyUI (ModelSamplingSD3, "
+               "shift 3 to 6)")
+    elif stage != "train" and ckpts:
+        use = (f"`python -m tasks.sample_lora generate --section {stage} --checkpoint "
+               f"{ckpts[-1].relative_to(root_p)} --scene \"...\" --out out.png`")
+    else:
+        use = f"`python -m tasks.generate --checkpoint {run.relative_to(root_p)} --prompt \"...\" --out out.png`"
     create_markdown_artifact(
         key=f"{key}-run",
         markdown="\n".join([
@@ -83,7 +96,7 @@ def train_stage(root: str, stage: str = "train") -> dict:
             f"- newest checkpoint: `{ckpts[-1].relative_to(root_p) if ckpts else 'none'}`",
             f"- newest sample grid: `{grids[-1].relative_to(root_p) if grids else 'none'}`",
             "",
-            f"Generate: `{use}`",
+            f"Generate: {use}",
         ]),
         description="The training run's state after this flow run")
     return {"stage": stage, "ran": ran, "metrics": metrics,
@@ -109,6 +122,26 @@ def sweep_lora(root: str) -> str:
     return str(out)
 
 
+@task(task_run_name="sweep-sdxl-full", cache_policy=NO_CACHE, persist_result=False)
+def sweep_full(root: str) -> str:
+    """The full fine-tune's checkpoints x its scenes x seeds, with the flow-match Euler sampler."""
+    from tasks.core.stage import section_or_exit
+    from tasks.report.sweep_grid import sweep
+    from tasks.sdxl.full_params import FullParams
+    from tasks.sdxl.sampler import FullSampler
+
+    p = section_or_exit(FullParams, FullParams.SECTION, str(Path(root) / "params.yaml"))
+    sampler = FullSampler(p, root=Path(root))
+    out = sampler.run_dir / "sweep.png"
+    sweep(sampler, [p.prompt_template.format(scene=s) for s in p.sweep_scenes], list(p.sweep_seeds),
+          p.negative_prompt, out)
+    create_markdown_artifact(key="train-sdxl-sweep", description="Every checkpoint of the full fine-tune, side by side",
+                             markdown=f"# SDXL full fine-tune sweep\n`{out.relative_to(root)}`: rows are checkpoints, "
+                                      f"columns scenes x seeds; flow-match Euler, shift {p.sample_shift}, "
+                                      f"{p.sample_steps} steps, CFG {p.guidance_scale}")
+    return str(out)
+
+
 @flow(name="train", log_prints=True)
 def train(root: str = ".", skip_dataset: bool = False, trainer: str = "nanodit") -> dict:
     """build-dataset (as a subflow, unless skipped) → the trainer's stages."""
@@ -119,6 +152,12 @@ def train(root: str = ".", skip_dataset: bool = False, trainer: str = "nanodit")
         build_dataset(root=root)
     if trainer == "nanodit":
         return train_stage(root)
+    if trainer == "sdxl-full":
+        stage_task(root, "latents")
+        result = train_stage(root, "train_sdxl")
+        drawn = Path(result["checkpoint"] or ".").parent.parent / "sweep.png"
+        sweep = sweep_full(root) if result["checkpoint"] and (result["ran"] or not drawn.is_file()) else None
+        return {**result, "sweep": sweep}
     stage_task(root, "latents")
     wrong = train_stage(root, "train_wrong")
     result = train_stage(root, "train_lora")

@@ -140,6 +140,7 @@ def test_dvc_metrics_show_is_one_narrow_table_of_counts(built):
     Report("candidates", total=16000, computed=16000, seconds=99999.5, extra={"generator": "lora"}).write(
         built / "metrics")
     for name, doc in (("train", {"step": 100000, "loss": 0.123456}), ("train_lora", {"step": 2000, "loss": 0.1}),
+                      ("train_sdxl", {"step": 36621, "loss": 0.123456}),
                       ("train_wrong", {"step": 0, "loss": None}),  # no rejects: no step, no loss
                       ("validate", {"step": 100000, "lpips": 0.512345, "comparable": False})):
         (built / "metrics" / f"{name}.json").write_text(json.dumps(doc))
@@ -147,5 +148,5 @@ def test_dvc_metrics_show_is_one_narrow_table_of_counts(built):
     assert max(map(len, lines)) <= 120, "\n".join(lines)
     assert set(lines[0].split()) == {"Path", "total", "computed", "reused", "failed", "seconds", "step", "loss",
                                      "lpips", "comparable"}
-    # + latents, train, train_lora, train_wrong, validate, expand, candidates
-    assert len(lines) == 1 + len(DATASET_STAGES) + 7, "\n".join(lines)
+    # + latents, train, train_lora, train_sdxl, train_wrong, validate, expand, candidates
+    assert len(lines) == 1 + len(DATASET_STAGES) + 8, "\n".join(lines)

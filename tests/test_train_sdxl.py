@@ -23,6 +23,7 @@ from tasks.sdxl.full_params import FullParams
 from tests.conftest import make_repo, run
 from tests.openai_server import free_port
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(model=str(ROOT / "models/tiny/sdxl"), steps=4, batch_size=4, grad_accum=1, lr=1e-3, warmup_steps=1,
              precision="fp32", gradient_checkpointing=False, checkpoint_every=2, log_every=1, export_dtype="fp32",
