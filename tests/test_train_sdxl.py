@@ -190,3 +190,40 @@ def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(root, parallel
 
 
 TRAIN = "train/weights.safetensors"
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run_with_the_last_checkpoint_intact(root, monkeypatch):
+    from tasks.sdxl import full
+    from tasks.sdxl.full import FullTrainer
+    from tasks.training.run import TrainError
+
+    calls = {"n": 0}
+    real = full.F.mse_loss
+
+    def poisoned(pred, target):  # the 2nd call's loss is NaN (a skipped step), then every one from the 5th
+        calls["n"] += 1
+        loss = real(pred, target)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(full.F, "mse_loss", poisoned)
+    trainer = FullTrainer(params(steps=20, nan_patience=3, checkpoint_every=2, val_timesteps=0), root=root)
+    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    with pytest.raises(TrainError, match="3 steps in a row.*step-000002"):
+        trainer.fit()
+    assert trainer.step == 3 and trainer.counters["skipped_steps"] == 4
+    # A skipped step changes nothing: the weights are those of the three good steps, all finite.
+    assert (root / "runs/sdxl-full/checkpoints/step-000002/state.pt").is_file()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.unet.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in trainer.unet.state_dict().values())
+
+
+def test_the_held_out_loss_is_the_same_number_for_the_same_weights_and_falls_as_it_learns(root):
+    from tasks.sdxl.full import FullTrainer
+
+    trainer = FullTrainer(params(steps=30, latent_sample=False, ucg=0.0, lr=2e-3, schedule="constant",
+                                 checkpoint_every=100, val_timesteps=4), root=root)
+    trainer.holdout = trainer.rows[:2]  # the tiny sample set has no holdout: two training images stand in
+    first = trainer.val_loss()
+    assert trainer.val_loss() == first
+    trainer.fit(stop_at=29)
+    assert trainer.val_loss() < 0.8 * first

@@ -55,6 +55,16 @@ class Objective:
         target = noise if self.prediction == "epsilon" else self.ddpm.get_velocity(latents, noise, t)
         return noisy, t, target
 
+    def at(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """(noisy, UNet timesteps, target) at given t in (0, 1) and noise: the held-out loss's fixed
+        points (t is the flow's noise level; for ddpm its place on the DDPM schedule)."""
+        if self.kind == "flow":
+            tb = t.view(-1, 1, 1, 1)
+            return (1 - tb) * latents + tb * noise, t * TRAIN_TIMESTEPS, noise - latents
+        steps = (t * (self.ddpm.config.num_train_timesteps - 1)).round().long()
+        noisy = self.ddpm.add_noise(latents, noise, steps)
+        return noisy, steps, noise if self.prediction == "epsilon" else self.ddpm.get_velocity(latents, noise, steps)
+
     def sampler(self, scheduler_config: dict, shift: float):
         """The scheduler that inverts this objective at inference."""
         if self.kind == "flow":

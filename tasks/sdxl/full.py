@@ -16,6 +16,7 @@ tasks/sdxl/full_checkpoint.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -75,6 +76,7 @@ class FullTrainer:
         self.bf16 = p.precision == "bf16" or (p.precision == "auto" and self.device.type == "cuda")
         self.run_dir = self.root / "runs" / p.run
         self.rows = data.load_rows(self.root, p)
+        self.holdout = self._holdout()
         self.model = sdxl.resolve_sdxl(p.model, f"{p.SECTION}.model")
         param = f"{p.SECTION}.model"
         # fp32 master weights: autocast computes in bf16, AdamW updates fp32 (bigASP: "float32 params, bf16 amp").
@@ -132,6 +134,15 @@ class FullTrainer:
             return torch.device("cuda", local)
         return torch.device("cpu")
 
+    def _holdout(self) -> list[data.Row]:
+        if not self.p.val_timesteps or self.p.split == "holdout":
+            return []
+        try:
+            return data.load_rows(self.root, dataclasses.replace(self.p, split="holdout"))
+        except data.NoSamples:
+            log.info("%s: no holdout samples: no held-out loss (ingest.holdout_count)", self.p.SECTION)
+            return []
+
     def _wrap(self):
         if self.p.parallel == "fsdp" and dist.is_initialized():
             shard(self.unet)
@@ -183,7 +194,11 @@ class FullTrainer:
                 self._log(live, self.window.flush(), n_win / (time.perf_counter() - t_win))
                 t_win, n_win = time.perf_counter(), 0
             if self.step % p.checkpoint_every == 0 or self.step == end:
-                full_checkpoint.save(self, loss)
+                val = self.val_loss()
+                if live is not None and val is not None:
+                    live.step = self.step
+                    live.log_metric("val/loss", val)
+                full_checkpoint.save(self, loss, val)
         if live is not None:
             live.end()
         return {"step": self.step, **self.counters}
@@ -206,6 +221,30 @@ class FullTrainer:
             loss = F.mse_loss(pred.float(), target.float())
             (loss / p.grad_accum).backward()
         return loss.detach()
+
+    @torch.no_grad()
+    def val_loss(self) -> float | None:
+        """The objective's loss on the holdout at `val_timesteps` fixed noise levels with fixed noise
+        (bigASP's test loss): one number per checkpoint that can be compared, where the training
+        loss moves with each step's random timesteps. Every rank computes it alike (FSDP's forward
+        needs them all); the UNet is called unwrapped (no gradient, nothing to synchronise)."""
+        if not self.holdout:
+            return None
+        p, k = self.p, self.p.val_timesteps
+        t = (torch.arange(k, dtype=torch.float32) + 0.5) / k
+        total = 0.0
+        for i, r in enumerate(self.holdout):
+            g = seeded(p.seed, 2**31, i)  # the same noise at every checkpoint
+            x = data.load_latents([r], self.scaling, False, g).expand(k, -1, -1, -1).to(self.device)
+            noise = torch.randn(x.shape[1:], generator=g).expand_as(x).to(self.device)
+            noisy, steps, target = self.objective.at(x, t.to(self.device), noise)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                embeds, pooled = self.prompts.encode([r.prompt] * k)
+                ids = torch.tensor([r.time_ids] * k, device=self.device, dtype=embeds.dtype)
+                pred = self.unet(noisy, steps, encoder_hidden_states=embeds,
+                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            total += float(F.mse_loss(pred.float(), target.float()))
+        return total / len(self.holdout)
 
     def _no_sync(self, sync: bool):
         """Gradients are averaged over ranks on the last micro-step of a step only."""

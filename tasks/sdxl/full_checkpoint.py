@@ -184,7 +184,7 @@ def _write(t, tmp: Path, export: dict, raw: dict, optim: dict) -> None:
     torch.save(state, tmp / "state.pt")
 
 
-def save(t, loss: float) -> Path | None:
+def save(t, loss: float, val_loss: float | None = None) -> Path | None:
     """Step `t.step`, whole or not at all (tasks/training/checkpoints.write_step); the newest
     `keep_checkpoints` stay. Every rank takes part in gathering; rank 0 writes."""
     raw, optim, ema = _whole_states(t)
@@ -192,7 +192,7 @@ def save(t, loss: float) -> Path | None:
     if t.rank == 0:
         p = t.p
         sizes = Counter(r.size for r in t.rows)
-        meta = {"step": t.step, "loss": loss, "time": time.time(), "fingerprint": t.fp, "format": FORMAT,
+        meta = {"step": t.step, "loss": loss, "val_loss": val_loss, "time": time.time(), "fingerprint": t.fp, "format": FORMAT,
                 "section": p.SECTION, "params": as_dict(p), "model": t.model.key(), "trainer": "sdxl-full",
                 "world_size": t.world, "effective_batch": p.effective_batch(t.world), "lr": t.lr,
                 "scaling_factor": t.scaling, "buckets": sorted({r.bucket for r in t.rows}),

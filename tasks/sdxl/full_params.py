@@ -27,7 +27,7 @@ from models.sdxl.pipeline import DEFAULT_MODEL
 # a run resumes on other GPUs when batch_size x world (the global batch) is unchanged.
 NOT_TRAJECTORY = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "nan_patience",
                             "spike_factor", "resume", "device", "text_cache_gb", "parallel",
-                            "gradient_checkpointing", "export_dtype", "prompt_template", "negative_prompt",
+                            "gradient_checkpointing", "export_dtype", "val_timesteps", "prompt_template", "negative_prompt",
                             "sample_steps", "guidance_scale", "sample_shift", "sample_size", "sweep_scenes",
                             "sweep_seeds", "batch_size"})
 
@@ -84,6 +84,7 @@ class FullParams:
     keep_checkpoints: int = 3               # the newest K checkpoints stay whole
     export_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # the single .safetensors file's
     log_every: int = 10
+    val_timesteps: int = 8                  # held-out loss at each checkpoint at this many fixed t; 0: none
     nan_patience: int = 5
     spike_factor: float = 3.0
     resume: Literal["auto", "never"] = "auto"
@@ -123,7 +124,7 @@ class FullParams:
         for key in ("lr", "t_shift", "sample_shift", "spike_factor"):
             if getattr(self, key) <= 0:
                 raise bad(key, "a positive number")
-        for key in ("text_encoder_lr", "text_cache_gb", "noise_offset", "weight_decay", "grad_clip",
+        for key in ("val_timesteps", "text_encoder_lr", "text_cache_gb", "noise_offset", "weight_decay", "grad_clip",
                     "warmup_steps", "guidance_scale", "adam_eps"):
             if getattr(self, key) < 0:
                 raise bad(key, ">= 0")
