@@ -6,7 +6,9 @@ checked on each read: however the batches are shuffled, a latent is never paired
 with another image's caption (diffusers' advanced script shuffles the cached latents
 and the captions separately under `--cache_latents`).
 
-Batches hold one bucket each (one tensor shape). The order is a seeded permutation
+Rows also carry ingest's tags (the full fine-tune's tag-string prompts). Batches hold one bucket
+each (one tensor shape); under torchrun a batch is the global one and `rank_slice` gives each
+rank its part. The order is a seeded permutation
 per epoch, and the position (epoch, batch) is saved in checkpoints: a resumed run
 sees the very batches an uninterrupted one would.
 """

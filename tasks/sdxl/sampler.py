@@ -9,6 +9,9 @@ joins the negative prompt (the third seed's method). Sampling inverts the run's 
 the base model's Euler scheduler for `ddpm`, a flow-match Euler schedule with `sample_shift`
 for `flow`.
 
+`FullSampler` does the same for a full fine-tune (train_sdxl): each checkpoint's own UNet (and
+text encoders, when they trained) replaces the pipeline's, with the same flow-match sampler.
+
 `sample(None, ...)` samples the base model alone (the candidates stage's `sdxl` generator): the
 run's style adapter and tokens are unloaded first; a negative LoRA, when configured, stays.
 """
