@@ -173,7 +173,10 @@ def _torchrun(root: Path, nproc: int, section: dict, out: Path) -> None:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(root, parallel):
-    common = dict(SMALL, steps=2, grad_accum=2, checkpoint_every=2, run="r1", ema=True, ema_decay=0.5)
+    # DDP with the text encoders training too (their gradients are averaged by hand), both with
+    # gradient checkpointing (as the real recipe runs).
+    common = dict(SMALL, steps=2, grad_accum=2, checkpoint_every=2, run="r1", ema=True, ema_decay=0.5,
+                  gradient_checkpointing=True, train_text_encoders=parallel == "ddp", text_encoder_lr=1e-3)
     _torchrun(root, 1, dict(common, batch_size=2, parallel=parallel), root / "one")
     _torchrun(root, 2, dict(common, batch_size=1, run="r2", parallel=parallel), root / "two")
     one, two = (load_file(root / f"runs/{r}/checkpoints/step-000002/{TRAIN}") for r in ("r1", "r2"))

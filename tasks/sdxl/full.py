@@ -95,6 +95,7 @@ class FullTrainer:
             self.unet.enable_gradient_checkpointing()
         self.prompts = Prompts(p, self.text, None, self.device)
         self.prompts.train_text = p.train_text_encoders
+        self.prompts.cacheable = {r.prompt for r in self.rows} | {""}
         chunks = self.prompts.chunks([r.prompt for r in self.rows])
         self.batches = data.BucketBatches(self.rows, p.batch_size * self.world, p.seed, chunks)
         self.objective = Objective(p.objective, sdxl.load_scheduler_config(self.model, param), p.noise_offset,

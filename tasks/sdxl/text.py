@@ -19,6 +19,9 @@ class Prompts:
         self.train_text = False  # set by the trainer: the text side trains (every step encodes live)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_bytes, self.cache_full = 0, False
+        # Which prompts may be cached (None: all). The full fine-tune's tag strings are shuffled
+        # afresh each time, so only its captions (and "") are worth the memory.
+        self.cacheable: set[str] | None = None
 
     def expand(self, text: str) -> str:
         return self.pivotal.expand(text) if self.pivotal else text
@@ -34,7 +37,8 @@ class Prompts:
                 # One prompt at a time: its embedding never depends on which batch it first came in.
                 with torch.no_grad():
                     e, pooled = encode_prompts(self.text, [t], self.p.max_chunks, self.device, warn=False)
-                self._remember(t, e[0], pooled[0])
+                if self.cacheable is None or t in self.cacheable:
+                    self._remember(t, e[0], pooled[0])
                 got[t] = (e[0], pooled[0])
             else:
                 got[t] = self.cache[t]
