@@ -70,7 +70,9 @@ class FullTrainer:
         self.p, self.root = p, Path(root)
         if p.parallel == "fsdp" and "LOCAL_RANK" in os.environ and not dist.is_initialized():
             # FSDP on one torchrun process (to measure its overhead) still needs a process group.
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            cuda = torch.cuda.is_available()
+            dist.init_process_group("nccl" if cuda else "gloo",
+                                    device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else None)
         self.rank, self.world, local = distributed()
         self.device = self._device(local)
         self.bf16 = p.precision == "bf16" or (p.precision == "auto" and self.device.type == "cuda")
