@@ -44,6 +44,7 @@ def make_project(root: Path, n_candidates: int = 6, words: tuple[str, ...] = ("l
     raw = root / "data/raw"
     png(raw / "photos/a.png", 100)
     (raw / "photos/a.txt").write_text("a photo of a figure", encoding="utf-8")
+    (raw / "photos/a.tags").write_text("1girl, solo", encoding="utf-8")  # ingest's tags sidecar
     png(raw / "photos/b.png", 101)
     png(raw / "rejected/old.png", 102)
     (raw / "photos/broken.png").write_bytes(b"not a png at all")

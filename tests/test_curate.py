@@ -92,7 +92,9 @@ def test_decisions_materialise_into_data_raw_idempotently(project):
     assert (project / "data/raw/particles/old.png").is_file() and not (project / "data/raw/rejected/old.png").exists()
     assert any(p.startswith("data/raw/rejected/") and reject["item"][5:17] in p for p in raw)
     assert raw["data/raw/rejected/photos/a.png"] and raw["data/raw/rejected/photos/a.txt"] == b"fixed"
+    assert raw["data/raw/rejected/photos/a.tags"] == b"1girl, solo"  # the tags follow the image
     assert "data/raw/photos/a.png" not in raw and "data/raw/photos/a.txt" not in raw
+    assert "data/raw/photos/a.tags" not in raw
     assert not any(edited["item"][5:17] in p for p in raw)
 
     # Idempotent: materialising the whole log again (the server's start) changes nothing.
@@ -105,6 +107,7 @@ def test_decisions_materialise_into_data_raw_idempotently(project):
         cur.decide({"item": d.item, "action": "undo", "undoes": d.seq})
     after = files(project, "data/raw")
     assert "data/raw/photos/a.png" in after and after["data/raw/photos/a.txt"] == b"a photo of a figure"
+    assert after["data/raw/photos/a.tags"] == b"1girl, solo"
     assert "data/raw/rejected/old.png" in after
     assert not any(p.startswith(("data/raw/particles/",)) for p in after)
     assert set(after) == set(files(make_project(project.parent / "fresh"), "data/raw"))

@@ -25,6 +25,8 @@ log = logging.getLogger("niche.curate")
 
 RAW = Path("data/raw")
 REJECTED = RAW / "rejected"
+# ingest.tags_ext's default: a reject's tag list moves with it (else ingest lists it as an orphan).
+TAGS_EXT = ".tags"
 
 
 class MaterialiseError(RuntimeError):
@@ -127,9 +129,10 @@ def _dataset(root: Path, s: ItemState, p: Places, ext: str) -> Path:
         src = found[0]
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)  # same file system: atomic; the sidecar follows
-        side = src.with_suffix(ext)
-        if side.exists():
-            os.replace(side, dst.with_suffix(ext))
+        for e in dict.fromkeys((ext, TAGS_EXT)):  # the caption and the tags follow the image
+            side = src.with_suffix(e)
+            if side.exists():
+                os.replace(side, dst.with_suffix(e))
         log.info("curate: moved %s -> %s", src.relative_to(root), p.target)
     caption = s.caption
     if caption is None and "caption_before" in s.info:  # every edit undone: the text it had before
