@@ -1,12 +1,11 @@
 """The SDXL full fine-tune on the tiny SDXL (4 images): prompts built on the fly, the loss falling,
 exact resume with EMA and trained text encoders, checkpoints that are diffusers folders and one
-original-layout file giving the same image, and torchrun with 2 gloo ranks (DDP and FSDP2)."""
+original-layout file giving the same image, the NaN guard, the held-out loss. torchrun with 2 gloo
+ranks (DDP and FSDP2): tests/test_train_sdxl_ranks.py."""
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,14 +13,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tasks.core.params import from_dict
 from tasks.sdxl import prompts
 from tasks.sdxl.full_params import FullParams
 from tests.conftest import make_repo, run
-from tests.openai_server import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,13 +101,19 @@ def test_a_tiny_full_finetune_lowers_its_loss_and_its_checkpoint_is_a_pipeline(r
     from tasks.sdxl.sampler import FullSampler
 
     p = params(steps=30, checkpoint_every=30, latent_sample=False, ucg=0.0, lr=2e-3, warmup_steps=3,
-               schedule="constant")
+               schedule="constant", val_timesteps=4)
     trainer = FullTrainer(p, root=root)
-    assert len(trainer.rows) == 4 or len(trainer.rows) == 3  # the holdout may take one
+    assert len(trainer.rows) == 4
+    # The held-out loss (fixed timesteps and noise): the tiny set has no holdout, two training
+    # images stand in. The same weights give the same number; it falls as the model learns.
+    trainer.holdout = trainer.rows[:2]
+    before = trainer.val_loss()
+    assert trainer.val_loss() == before
     assert trainer.fit()["step"] == 30
     got = [v for _, v in losses(root / "runs/sdxl-full")]
     first, last = sum(got[:10]) / 10, sum(got[-10:]) / 10
     assert last < 0.8 * first, (first, last)
+    assert trainer.val_loss() < 0.8 * before
     ckpt = finished(root / "runs/sdxl-full/checkpoints")[-1][1]
     base = load_file(ROOT / "models/tiny/sdxl/unet/diffusion_pytorch_model.safetensors")
     tuned = unet_weights(ckpt)
@@ -160,39 +163,6 @@ def test_a_stopped_run_resumes_exactly_with_ema_and_trained_text_encoders(root, 
     assert sorted(d.name for d in (root / "runs/sdxl-full/checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
-def _torchrun(root: Path, nproc: int, section: dict, out: Path) -> None:
-    doc = yaml.safe_load((root / "params.yaml").read_text())
-    doc["train_sdxl"] = {**doc["train_sdxl"], **section}
-    params_file = root / f"params-{out.name}.yaml"
-    params_file.write_text(yaml.safe_dump(doc))
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(free_port()), str(ROOT / "tests/sdxl_ranks.py"), str(params_file), str(out)],
-                   cwd=root, env=env, check=True, timeout=600)
-
-
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(root, parallel):
-    # DDP with the text encoders training too (their gradients are averaged by hand), both with
-    # gradient checkpointing (as the real recipe runs).
-    common = dict(SMALL, steps=2, grad_accum=2, checkpoint_every=2, run="r1", ema=True, ema_decay=0.5,
-                  gradient_checkpointing=True, train_text_encoders=parallel == "ddp", text_encoder_lr=1e-3)
-    _torchrun(root, 1, dict(common, batch_size=2, parallel=parallel), root / "one")
-    _torchrun(root, 2, dict(common, batch_size=1, run="r2", parallel=parallel), root / "two")
-    one, two = (load_file(root / f"runs/{r}/checkpoints/step-000002/{TRAIN}") for r in ("r1", "r2"))
-    assert one.keys() == two.keys()
-    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert worst < 1e-5, worst
-    changed = load_file(ROOT / "models/tiny/sdxl/unet/diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(one[f"unet.{k}"], v) for k, v in changed.items())  # it did train
-    # Every rank ends with the same weights (DDP: replicas; FSDP: the gathered whole).
-    hashes = [(root / "two" / f"rank{r}.sha").read_text() for r in (0, 1)]
-    assert hashes[0] == hashes[1]
-    l1, l2 = losses(root / "runs/r1"), losses(root / "runs/r2")
-    assert [s for s, _ in l1] == [s for s, _ in l2] and all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(l1, l2))
-
-
-TRAIN = "train/weights.safetensors"
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run_with_the_last_checkpoint_intact(root, monkeypatch):
@@ -218,15 +188,3 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_the_last_checkpoint
     assert (root / "runs/sdxl-full/checkpoints/step-000002/state.pt").is_file()
     assert any(not torch.equal(before[k], v) for k, v in trainer.unet.state_dict().items())
     assert all(torch.isfinite(v).all() for v in trainer.unet.state_dict().values())
-
-
-def test_the_held_out_loss_is_the_same_number_for_the_same_weights_and_falls_as_it_learns(root):
-    from tasks.sdxl.full import FullTrainer
-
-    trainer = FullTrainer(params(steps=30, latent_sample=False, ucg=0.0, lr=2e-3, schedule="constant",
-                                 checkpoint_every=100, val_timesteps=4), root=root)
-    trainer.holdout = trainer.rows[:2]  # the tiny sample set has no holdout: two training images stand in
-    first = trainer.val_loss()
-    assert trainer.val_loss() == first
-    trainer.fit(stop_at=29)
-    assert trainer.val_loss() < 0.8 * first

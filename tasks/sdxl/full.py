@@ -280,7 +280,9 @@ class FullTrainer:
                 sq += float(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2
         norm = math.sqrt(sq)
         if self.p.grad_clip and math.isfinite(norm) and norm > self.p.grad_clip:
-            torch._foreach_mul_(groups[0] + groups[1], self.p.grad_clip / (norm + 1e-6))
+            for grads in groups:  # apart: a foreach op may not mix DTensors and tensors
+                if grads:
+                    torch._foreach_mul_(grads, self.p.grad_clip / (norm + 1e-6))
         return norm
 
     def _mean(self, loss: torch.Tensor) -> float:
@@ -295,9 +297,10 @@ class FullTrainer:
         if self.ema is None:
             return
         decay = min(self.p.ema_decay, (1 + step) / (10 + step))  # the usual ramp: early weights fade out
-        names = list(self.ema)
         params = dict(self.trainable.named_parameters())
-        torch._foreach_lerp_([self.ema[n] for n in names], [params[n].detach() for n in names], 1.0 - decay)
+        for part in self.trainable:  # apart: under FSDP the UNet's are DTensors, the text encoders' not
+            names = [n for n in self.ema if n.startswith(part + ".")]
+            torch._foreach_lerp_([self.ema[n] for n in names], [params[n].detach() for n in names], 1.0 - decay)
 
     def _skip(self, step: int, loss: float, grad_norm: float) -> None:
         self.opt.zero_grad(set_to_none=True)
