@@ -22,7 +22,7 @@ export DVC_NO_ANALYTICS := 1
 export NICHE_NIGHTLY_CRON := $(NIGHTLY_CRON)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo train train-sdxl candidates curate test venv sample server serve stop deploy-run status lock clean-demo
+.PHONY: demo train train-sdxl train-sdxl-full candidates curate test venv sample server serve stop deploy-run status lock clean-demo
 
 venv: $(VENV)/.installed $(RAWFS_PTH)
 $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt pyproject.toml
@@ -57,6 +57,7 @@ demo: venv
 	@$(BIN)/python -m flows.build_dataset --report
 	@$(BIN)/python -m flows.train --skip-dataset
 	@$(BIN)/python -m flows.train --skip-dataset --trainer sdxl
+	@$(BIN)/python -m flows.train --skip-dataset --trainer sdxl-full
 	@$(BIN)/python -m flows.generate_candidates
 	@$(BIN)/python -m flows.validate
 
@@ -69,6 +70,11 @@ train: server
 # LoRA + pivotal tuning, then runs/sdxl/sweep.png.
 train-sdxl: server
 	@$(BIN)/python -m flows.train --trainer sdxl
+
+# The SDXL full fine-tune (flow matching, bigASP v2.5) through the same flow, one process:
+# latents, train_sdxl, then runs/sdxl-full/sweep.png. Many GPUs: torchrun -m tasks.train_sdxl.
+train-sdxl-full: server
+	@$(BIN)/python -m flows.train --trainer sdxl-full
 
 # Words (data/prompts/words.txt) -> prompts (expand) -> candidates through the
 # generate-candidates flow; a LoRA or NanoDiT generator's newest checkpoint is pinned in params.yaml.
