@@ -159,6 +159,14 @@ def test_a_stopped_run_resumes_exactly_with_ema_and_trained_text_encoders(root, 
     base_te = load_file(ROOT / "models/tiny/sdxl/text_encoder/model.safetensors")
     te = load_file(a / "text_encoder/model.safetensors")
     assert any(not torch.equal(te[k], base_te[k]) for k in base_te if k in te)
+    # The sampler loads a checkpoint's own text encoders, and the base ones again for the base model.
+    from tasks.sdxl.sampler import FullSampler
+    sampler = FullSampler(p, root=root, device="cpu")
+    base_image = sampler.sample(None, "a figure", 0, "")
+    sampler.sample(a, "a figure", 0, "")
+    assert all(torch.equal(sampler.pipe.text_encoder.state_dict()[k], te[k]) for k in te)
+    assert not np.array_equal(np.asarray(base_image), np.asarray(sampler.sample(a, "a figure", 0, "")))
+    assert np.array_equal(np.asarray(base_image), np.asarray(sampler.sample(None, "a figure", 0, "")))
     # The oldest checkpoints beyond keep_checkpoints are gone; the newest stay whole.
     assert sorted(d.name for d in (root / "runs/sdxl-full/checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
