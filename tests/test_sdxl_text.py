@@ -137,3 +137,27 @@ def test_gradients_reach_the_token_embeddings(enc):
         for w in weights:
             w.requires_grad_(False)
             w.grad = None
+
+
+def test_the_trainers_prompt_cache_pads_mixed_chunk_counts_as_a_live_batch_does(enc):
+    """A prompt dropped to "" among long captions: the cached path pads with the empty chunk's
+    states instead of encoding the whole batch again, and gets the live batch's numbers."""
+    from tasks.sdxl.full_params import FullParams
+    from tasks.sdxl.text import Prompts
+
+    prompts = Prompts(FullParams(max_chunks=3), enc, None, torch.device("cpu"))
+    texts = ["a " * 100 + "long prompt", "", "short one"]
+    embeds, pooled = prompts.encode(texts)
+    live, live_pooled = encode_prompts(enc, texts, 3, warn=False)
+    assert embeds.shape == live.shape == (3, 154, 64)
+    assert torch.equal(embeds, live)
+    assert torch.allclose(pooled, live_pooled, atol=1e-5)
+    assert set(prompts.cache) == set(texts)  # every prompt was encoded once, alone
+    # Again: all from the cache, no encoder runs (the batch is not encoded again live).
+    calls = []
+    hook = enc.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again, _ = prompts.encode(texts)
+    finally:
+        hook.remove()
+    assert not calls and torch.equal(again, embeds)

@@ -150,6 +150,9 @@ class FullTrainer:
         if self.p.parallel == "fsdp" and dist.is_initialized():
             shard(self.unet)
             return self.unet
+        if self.p.parallel == "fsdp":
+            log.info("%s: parallel fsdp in one process (not under torchrun): nothing to shard, trained as is",
+                     self.p.SECTION)
         if self.world > 1:
             return torch.nn.parallel.DistributedDataParallel(
                 self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)

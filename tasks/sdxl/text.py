@@ -42,11 +42,26 @@ class Prompts:
                 got[t] = (e[0], pooled[0])
             else:
                 got[t] = self.cache[t]
-        if len({got[t][0].shape[0] for t in texts}) > 1:  # mixed chunk counts: pad with empty chunks alike
+        width = max(got[t][0].shape[0] for t in texts)
+        rows = [got[t][0].to(self.device) for t in texts]
+        if any(r.shape[0] < width for r in rows):
+            # Mixed chunk counts (a prompt dropped to "" among long captions): pad with the empty
+            # chunk's states, as encode_prompts pads (each chunk is encoded on its own), instead of
+            # encoding the whole batch again.
+            empty = self._empty_chunk()
+            rows = [torch.cat([r, empty.expand((width - r.shape[0]) // empty.shape[1], -1, -1).flatten(0, 1)])
+                    for r in rows]
+        return torch.stack(rows), torch.stack([got[t][1] for t in texts]).to(self.device)
+
+    def _empty_chunk(self) -> torch.Tensor:
+        """(1, 77, 2048): the states of [BOS][EOS][pad...], the chunk shorter prompts are padded with."""
+        if "" not in self.cache:
             with torch.no_grad():
-                return encode_prompts(self.text, texts, self.p.max_chunks, self.device, warn=False)
-        return (torch.stack([got[t][0] for t in texts]).to(self.device),
-                torch.stack([got[t][1] for t in texts]).to(self.device))
+                e, pooled = encode_prompts(self.text, [""], 1, self.device, warn=False)
+            self._remember("", e[0], pooled[0])
+            if "" not in self.cache:  # the cache is full: keep it here anyway, it is one chunk
+                self.cache[""] = (e[0].cpu(), pooled[0].cpu())
+        return self.cache[""][0].to(self.device).unsqueeze(0)
 
     def _remember(self, text: str, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
         """Cache on the host, up to text_cache_gb: 70,000 captions would take ~44 GB (77 x 2048
