@@ -3,7 +3,7 @@
 non-finite step) → optimizer and schedule → tokens freeze at ti_frac → log, checkpoint.
 
 Its parts: tasks/sdxl/data.py (rows and bucket batches), text.py (prompts and their cache),
-checkpoint.py (resume and save); the SDXL pieces themselves are models/sdxl/.
+checkpoint.py (resume and save), loop.py (the skip and the log point, shared with full.py); the SDXL pieces themselves are models/sdxl/.
 """
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ from models.hub import SetupError, torch_device
 from models.sdxl import pipeline as sdxl
 from models.sdxl.objective import Objective
 from tasks.core.params import as_dict
-from tasks.core.store import atomic_write_json
-from tasks.sdxl import checkpoint, data
+from tasks.sdxl import checkpoint, data, loop
 from tasks.sdxl.params import NOT_TRAJECTORY, LoraParams
 from tasks.sdxl.text import Prompts
 from tasks.training.live import Window, open_live
-from tasks.training.run import TrainError, peak_memory_gb, seeded
+from tasks.training.run import seeded
 
 log = logging.getLogger("niche.train_lora")
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -181,30 +180,8 @@ class LoraTrainer:
         return loss.detach()
 
     def _skip(self, step: int, loss: float, grad_norm: float) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.counters["skipped_steps"] += 1
-        self.counters["nonfinite_in_a_row"] += 1
-        n = self.counters["nonfinite_in_a_row"]
-        log.warning("%s: step %d skipped: loss %s, grad norm %s (%d in a row)", self.p.SECTION, step + 1, loss,
-                    grad_norm, n)
-        if n >= self.p.nan_patience:
-            last = checkpoint.finished(self.run_dir / "checkpoints")
-            raise TrainError(f"{self.p.SECTION}: {n} steps in a row had a non-finite loss or gradient "
-                             f"({self.p.SECTION}.nan_patience = {self.p.nan_patience}); stopped at step {step}. The "
-                             f"last good checkpoint is {last[-1][1] if last else 'none yet'}; lower the lr.")
+        last = checkpoint.finished(self.run_dir / "checkpoints")
+        loop.skip(self, step, loss, grad_norm, last[-1][1] if last else None)
 
     def _log(self, live, figures: dict, samples_per_s: float) -> None:
-        live.step = self.step
-        live.log_metric("train/loss", figures["loss"])
-        live.log_metric("train/grad_norm", figures["grad_norm"])
-        for g in self.opt.param_groups:
-            live.log_metric(f"train/lr_{g['name']}", g["lr"] * g.get("d", 1.0))  # prodigy: its estimate d
-        live.log_metric("train/skipped_steps", self.counters["skipped_steps"])
-        live.log_metric("sys/samples_per_s", samples_per_s)
-        live.log_metric("memory/peak_gb", peak_memory_gb(self.device))
-        live.next_step()
-        log.info("%s: step %d/%d loss %.4f grad %.3f %.2f samples/s", self.p.SECTION, self.step, self.p.steps,
-                 figures["loss"], figures["grad_norm"], samples_per_s)
-        # The stage's DVC metric: two columns of `dvc metrics show` (the curves are dvclive's).
-        atomic_write_json(self.root / "metrics" / f"{self.p.SECTION}.json",
-                          {"step": self.step, "loss": round(figures["loss"], 6)})
+        loop.log_point(self, live, figures, samples_per_s)
