@@ -196,3 +196,19 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_the_last_checkpoint
     assert (root / "runs/sdxl-full/checkpoints/step-000002/state.pt").is_file()
     assert any(not torch.equal(before[k], v) for k, v in trainer.unet.state_dict().items())
     assert all(torch.isfinite(v).all() for v in trainer.unet.state_dict().values())
+
+
+def test_a_checkpoint_takes_only_the_untrained_parts_a_pipeline_needs_from_the_base_folder(tmp_path):
+    """Variants and single files sitting in a base folder are not copied into every checkpoint."""
+    from tasks.sdxl.full_checkpoint import _untrained_part
+
+    trained = {"unet"}
+    wanted = ["model_index.json", "NICHE_TINY_RANDOM_WEIGHTS.txt", "vae/config.json",
+              "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+              "tokenizer_2/merges.txt", "text_encoder_2/model-00001-of-00002.safetensors"]
+    unwanted = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+                "text_encoder/model.fp16.safetensors", "sd_xl_base_1.0.safetensors", ".gitattributes",
+                "scheduler/scheduler_config.json", "vae_1_0/diffusion_pytorch_model.safetensors"]
+    assert [r for r in wanted if not _untrained_part(Path(r), trained)] == []
+    assert [r for r in unwanted if _untrained_part(Path(r), trained)] == []
+    assert not _untrained_part(Path("text_encoder/model.safetensors"), {"unet", "text_encoder"})

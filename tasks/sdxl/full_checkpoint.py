@@ -39,6 +39,7 @@ FORMAT = 1
 PARTS = {"unet": ("unet", "diffusion_pytorch_model.safetensors"), "te1": ("text_encoder", "model.safetensors"),
          "te2": ("text_encoder_2", "model.safetensors")}
 TRAIN_WEIGHTS = "train/weights.safetensors"
+PIPELINE_PARTS = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
 
 
 def finished(ckpts: Path) -> list[tuple[int, Path]]:
@@ -138,6 +139,21 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _untrained_part(rel: Path, trained: set[str]) -> bool:
+    """A file of the base folder the checkpoint's pipeline needs and did not train: the top-level
+    configs and marker, and the VAE's, frozen encoders' and tokenizers' configs and full-precision
+    weights. Not the variants (model.fp16.safetensors), nor a single-file checkpoint that sits in
+    the folder: where links cannot be made they would be copied into every checkpoint."""
+    if any(part.startswith(".") for part in rel.parts):
+        return False
+    if len(rel.parts) == 1:
+        return rel.suffix in (".json", ".txt")
+    if rel.parts[0] not in PIPELINE_PARTS - trained:
+        return False
+    variant = any(f".{v}." in rel.name for v in ("fp16", "bf16", "fp32"))
+    return rel.suffix in (".json", ".txt") or (rel.suffix == ".safetensors" and not variant)
+
+
 def _scheduler(t, dst: Path) -> None:
     if t.p.objective != "flow":
         shutil.copytree(t.model.path / "scheduler", dst)
@@ -170,8 +186,7 @@ def _write(t, tmp: Path, export: dict, raw: dict, optim: dict) -> None:
     trained = {PARTS[n][0] for n in t.trainable.keys()}
     for item in sorted(base.rglob("*")):
         rel = item.relative_to(base)
-        if item.is_file() and rel.parts[0] not in trained | {"scheduler"} and \
-                not any(part.startswith(".") for part in rel.parts):
+        if item.is_file() and _untrained_part(rel, trained):
             _link_or_copy(item, tmp / rel)
     _scheduler(t, tmp / "scheduler")
     if t.ema is not None:
@@ -192,9 +207,9 @@ def save(t, loss: float, val_loss: float | None = None) -> Path | None:
     if t.rank == 0:
         p = t.p
         sizes = Counter(r.size for r in t.rows)
-        meta = {"step": t.step, "loss": loss, "val_loss": val_loss, "time": time.time(), "fingerprint": t.fp, "format": FORMAT,
-                "section": p.SECTION, "params": as_dict(p), "model": t.model.key(), "trainer": "sdxl-full",
-                "world_size": t.world, "effective_batch": p.effective_batch(t.world), "lr": t.lr,
+        meta = {"step": t.step, "loss": loss, "val_loss": val_loss, "time": time.time(), "fingerprint": t.fp,
+                "format": FORMAT, "section": p.SECTION, "params": as_dict(p), "model": t.model.key(),
+                "trainer": "sdxl-full", "world_size": t.world, "effective_batch": p.effective_batch(t.world), "lr": t.lr,
                 "scaling_factor": t.scaling, "buckets": sorted({r.bucket for r in t.rows}),
                 "sizes": [list(sz) for sz, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))],
                 "sampling": {"objective": p.objective, "shift": p.sample_shift, "steps": p.sample_steps,

@@ -27,7 +27,8 @@ from models.sdxl.pipeline import DEFAULT_MODEL
 # a run resumes on other GPUs when batch_size x world (the global batch) is unchanged.
 NOT_TRAJECTORY = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "nan_patience",
                             "spike_factor", "resume", "device", "text_cache_gb", "parallel",
-                            "gradient_checkpointing", "export_dtype", "val_timesteps", "prompt_template", "negative_prompt",
+                            "gradient_checkpointing", "export_dtype", "val_timesteps", "prompt_template",
+                            "negative_prompt",
                             "sample_steps", "guidance_scale", "sample_shift", "sample_size", "sweep_scenes",
                             "sweep_seeds", "batch_size"})
 

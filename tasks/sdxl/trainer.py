@@ -3,7 +3,8 @@
 non-finite step) → optimizer and schedule → tokens freeze at ti_frac → log, checkpoint.
 
 Its parts: tasks/sdxl/data.py (rows and bucket batches), text.py (prompts and their cache),
-checkpoint.py (resume and save), loop.py (the skip and the log point, shared with full.py); the SDXL pieces themselves are models/sdxl/.
+checkpoint.py (resume and save), loop.py (the skip and the log point, shared with full.py); the
+SDXL pieces themselves are models/sdxl/.
 """
 from __future__ import annotations
 
