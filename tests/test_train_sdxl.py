@@ -174,19 +174,19 @@ def test_a_stopped_run_resumes_exactly_with_ema_and_trained_text_encoders(root, 
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run_with_the_last_checkpoint_intact(root, monkeypatch):
-    from tasks.sdxl import full
+    from tasks.sdxl import loop
     from tasks.sdxl.full import FullTrainer
     from tasks.training.run import TrainError
 
     calls = {"n": 0}
-    real = full.F.mse_loss
+    real = loop.F.mse_loss
 
     def poisoned(pred, target):  # the 2nd call's loss is NaN (a skipped step), then every one from the 5th
         calls["n"] += 1
         loss = real(pred, target)
         return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(full.F, "mse_loss", poisoned)
+    monkeypatch.setattr(loop.F, "mse_loss", poisoned)
     trainer = FullTrainer(params(steps=20, nan_patience=3, checkpoint_every=2, val_timesteps=0), root=root)
     before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
     with pytest.raises(TrainError, match="3 steps in a row.*step-000002"):

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from models.hub import SetupError
 from models.sdxl import pipeline as sdxl
@@ -218,12 +217,8 @@ class FullTrainer:
         texts = [on_the_fly.build(r.prompt, r.tags, p, g) for r, g in zip(mine, gens)]
         parts = [self.objective.prepare(latents[i:i + 1], g) for i, g in enumerate(gens)]
         noisy, t, target = (torch.cat(x) for x in zip(*parts))
-        with self._no_sync(sync), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            embeds, pooled = self.prompts.encode(texts)
-            ids = torch.tensor([r.time_ids for r in mine], device=self.device, dtype=embeds.dtype)
-            pred = self.forward_unet(noisy, t, encoder_hidden_states=embeds,
-                                     added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-            loss = F.mse_loss(pred.float(), target.float())
+        with self._no_sync(sync):
+            loss = loop.unet_loss(self, self.forward_unet, texts, [r.time_ids for r in mine], noisy, t, target)
             (loss / p.grad_accum).backward()
         return loss.detach()
 
@@ -243,12 +238,7 @@ class FullTrainer:
             x = data.load_latents([r], self.scaling, False, g).expand(k, -1, -1, -1).to(self.device)
             noise = torch.randn(x.shape[1:], generator=g).expand_as(x).to(self.device)
             noisy, steps, target = self.objective.at(x, t.to(self.device), noise)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                embeds, pooled = self.prompts.encode([r.prompt] * k)
-                ids = torch.tensor([r.time_ids] * k, device=self.device, dtype=embeds.dtype)
-                pred = self.unet(noisy, steps, encoder_hidden_states=embeds,
-                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-            total += float(F.mse_loss(pred.float(), target.float()))
+            total += float(loop.unet_loss(self, self.unet, [r.prompt] * k, [r.time_ids] * k, noisy, steps, target))
         return total / len(self.holdout)
 
     def _no_sync(self, sync: bool):

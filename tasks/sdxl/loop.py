@@ -1,16 +1,31 @@
-"""What both SDXL trainers (LoRA: trainer.py, full fine-tune: full.py) do alike around a step:
-skip a non-finite one and stop after `nan_patience` in a row, and write a log point (dvclive's
-curves, the log line, the stage's two-column DVC metric). `t` is either trainer: it has p, step,
-counters, opt, device, root and run_dir."""
+"""What both SDXL trainers (LoRA: trainer.py, full fine-tune: full.py) do alike in and around a
+step: the UNet's loss on a batch, skipping a non-finite step (stopping after `nan_patience` in a
+row), and a log point (dvclive's curves, the log line, the stage's two-column DVC metric). `t` is
+either trainer: it has p, step, counters, opt, device, bf16, prompts, root and run_dir."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from tasks.core.store import atomic_write_json
 from tasks.training.run import TrainError, peak_memory_gb
 
 log = logging.getLogger("niche.sdxl")
+
+
+def unet_loss(t, unet, texts: list[str], time_ids: list, noisy: torch.Tensor, timesteps: torch.Tensor,
+              target: torch.Tensor) -> torch.Tensor:
+    """MSE of `unet`'s prediction (the trainer's UNet, or its DDP wrapper) against `target`, the
+    prompts encoded through the trainer's cache, all under bf16 autocast when the run uses it."""
+    with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.bf16):
+        embeds, pooled = t.prompts.encode(texts)
+        ids = torch.tensor(time_ids, device=t.device, dtype=embeds.dtype)
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeds,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    return F.mse_loss(pred.float(), target.float())
 
 
 def skip(t, step: int, loss: float, grad_norm: float, last_checkpoint: Path | None) -> None:

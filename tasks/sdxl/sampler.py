@@ -145,6 +145,10 @@ class FullSampler(SDXLSampler):
     """The sweep's Sampler for a full fine-tune (train_sdxl): each checkpoint's UNet, and its text
     encoders when they trained, loaded into the one pipeline; the same flow-match Euler sampler."""
 
+    def __init__(self, p, root: Path = Path("."), device: str = "auto"):
+        super().__init__(p, root, device)
+        self._text_changed = False  # the pipeline holds a checkpoint's trained text encoders
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         from tasks.sdxl.full_checkpoint import finished as full_finished
         return full_finished(self.run_dir / "checkpoints")
@@ -162,7 +166,7 @@ class FullSampler(SDXLSampler):
         src = ckpt if ckpt is not None else self.model.path
         self.pipe.unet.load_state_dict(load_file(str(src / "unet" / "diffusion_pytorch_model.safetensors")))
         self.meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8")) if ckpt is not None else {}
-        if self.meta.get("params", {}).get("train_text_encoders") or getattr(self, "_text_changed", False):
+        if self.meta.get("params", {}).get("train_text_encoders") or self._text_changed:
             # Trained text encoders, or back from them: the whole encoders of `src`.
             text = sdxl.load_text_encoders(self.model if ckpt is None else sdxl.resolve_sdxl(str(src), "checkpoint"),
                                            f"{self.p.SECTION}.model", self.dtype, self.device)

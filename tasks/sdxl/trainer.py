@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from models.hub import SetupError, torch_device
 from models.sdxl import pipeline as sdxl
@@ -171,12 +170,7 @@ class LoraTrainer:
         latents = data.load_latents(batch, self.scaling, p.latent_sample, g).to(self.device)
         prompts = [("" if torch.rand((), generator=g).item() < p.caption_dropout else r.prompt) for r in batch]
         noisy, t, target = self.objective.prepare(latents, g)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            embeds, pooled = self.prompts.encode(prompts)
-            ids = torch.tensor([r.time_ids for r in batch], device=self.device, dtype=embeds.dtype)
-            pred = self.unet(noisy, t, encoder_hidden_states=embeds,
-                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-        loss = F.mse_loss(pred.float(), target.float())
+        loss = loop.unet_loss(self, self.unet, prompts, [r.time_ids for r in batch], noisy, t, target)
         (loss / p.grad_accum).backward()
         return loss.detach()
 
