@@ -120,8 +120,10 @@ def main() -> None:
         out["add10_reused"] = {r["stage"]: r["metrics"]["reused"] for r in results if r["ran"]}
         status = subprocess.run([dvc, "status"], cwd=repo, capture_output=True, text=True).stdout
         out["dvc_status_after_flow"] = status.strip()
-        store = repo / "data/derived/bucket"
-        sizes = [p.stat().st_size for p in store.glob("??/*.png")]
+        from tasks.core.store import Store
+
+        store = Store(repo / "data/derived/bucket", ".png")
+        sizes = [store.size(k) for k in store.keys()]
         out["bucket_png_mean_kb"] = round(sum(sizes) / len(sizes) / 1024, 1)
     finally:
         server.send_signal(2)

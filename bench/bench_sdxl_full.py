@@ -134,6 +134,7 @@ def write_data(root: Path, model: Path, args) -> None:
         while (n := len(tokens(" ".join(words), add_special_tokens=False, verbose=False).input_ids)) > hi or n <= lo:
             words = words[:-1] if n > hi else [*words, str(rng.choice(WORDS))]
         cap.append(dict(id=sid, split="train", key=None, file=None, text=" ".join(words), flags=[], error=None))
+    store.seal()  # the trainers' ranks read the latents from other processes
     manifest.write_table(lat, lt.SCHEMA, root / LATENTS_TABLE, sort_by="id")
     manifest.write_table(cap, CAPTION_SCHEMA, root / CAPTION_TABLE, sort_by="id")
 

@@ -33,6 +33,11 @@ STORE = Path("data/derived/bucket")
 PNG_LEVEL = 1
 RAY_BATCH = 16  # raw images per batch sent to a Ray actor (CPU work: batches only save round trips)
 
+
+def bucket_store(root: Path = STORE) -> Store:
+    """The bucketed images, by key: what caption, embed_image, embed_pose, latents and shard read."""
+    return Store(root, ".png")
+
 FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
@@ -145,7 +150,7 @@ def bucket(p: BucketParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path 
     """`workers` threads here; with params.yaml's `executor` on Ray, actors on the cluster instead."""
     # Every split, rejects included: the SDXL latents stage needs them for the negative LoRA.
     samples = manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()
-    store = Store(store_dir, ".png")
+    store = bucket_store(store_dir)
     by_id, rows, work = {}, [], []
     for s in samples:
         bw, bh = nearest_bucket(s["width"], s["height"], p.buckets)

@@ -335,11 +335,13 @@ def candidates(p: CandidatesParams, in_table: Path = EXPAND_TABLE, out_table: Pa
     if not prompts:  # no words yet: nothing to render, and no generator to find or load
         log.info("%s: %s holds no prompt: nothing to render", STAGE, in_table)
         manifest.write_table([], CANDIDATES, Path(out_table), sort_by="id")
-        Store(store_dir, ".png").mark()  # the stage's out exists, empty
+        Store(store_dir, ".png", layout="loose").mark()  # the stage's out exists, empty
         return Report(STAGE, seconds=time.perf_counter() - t_stage,
                       extra={"generator": p.generator, "prompts": 0, "expand_rows": len(expand_rows)})
     g = plan(p, root, params_file)
-    store = Store(store_dir, ".png")
+    # Loose, one PNG per file: the curation page serves each render (and its thumbnail) as a file,
+    # and a dataset's candidates are thousands, not the 500,000 items that packs are for.
+    store = Store(store_dir, ".png", layout="loose")
     rows, inputs, work = [], {}, []
     for prompt, src in prompts.items():
         text = g.text(prompt)

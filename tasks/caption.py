@@ -32,7 +32,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from tasks.bucket import STORE as BUCKET_STORE
+from tasks.bucket import bucket_store
 from tasks.core import manifest
 from tasks.core.executors import model_executor
 from tasks.core.images import BucketedImage, read_bucketed, why
@@ -202,9 +202,11 @@ def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path,
             by_id[s["id"]] = s
             work.append((s["id"], row["key"]))
 
+    images = bucket_store()
+
     def read_image(item_id: str) -> BucketedImage:
         s = by_id[item_id]
-        return read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"])
+        return read_bucketed(images, s["key"], s["width"], s["height"])
 
     report = run_model("caption", side_work, store, SidecarWorker(), lambda i: sidecar[i].strip(), 256,
                        executor=LocalModels())

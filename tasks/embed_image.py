@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from models.encoders import dinov3
 from models.hub import ResolvedModel, SetupError, resolve, resolve_here, torch_dtype
-from tasks.bucket import STORE as BUCKET_STORE
+from tasks.bucket import bucket_store
 from tasks.core import manifest
 from tasks.core.executors import default_workers, model_executor
 from tasks.core.images import BucketedImage, decode_bucketed, read_bucketed
@@ -137,9 +137,11 @@ def _embed(p: EmbedImageParams, samples: list[dict], resolved: ResolvedModel, ex
         by_id[s["id"]] = s
         work.append((s["id"], key))
 
+    images = bucket_store()
+
     def read_input(item_id: str) -> BucketedImage:
         s = by_id[item_id]
-        return read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"])
+        return read_bucketed(images, s["key"], s["width"], s["height"])
 
     worker = ImageWorker(resolved, dtype_name, device, workers or default_workers())
     report = run_model("embed_image", work, store, worker, read_input, p.batch_size, executor=executor,

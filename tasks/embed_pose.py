@@ -24,6 +24,7 @@ from models.encoders.dwpose import KEYPOINTS, DWPose, PoseResult, resolve_onnx
 from models.encoders.dwpose_decode import normalised_keypoints
 from models.hub import ResolvedModel, SetupError
 from tasks.bucket import STORE as BUCKET_STORE
+from tasks.bucket import bucket_store as open_bucket_store
 from tasks.core import manifest
 from tasks.core.executors import default_workers, model_executor
 from tasks.core.images import BucketedImage, read_bucketed, why
@@ -181,9 +182,11 @@ def embed_pose(p: EmbedPoseParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir
         by_id[r["id"]] = r
         work.append((r["id"], key))
 
+    images = open_bucket_store(bucket_store)
+
     def read_input(item_id: str) -> BucketedImage:
         r = by_id[item_id]
-        return read_bucketed(bucket_store / r["file"], r["width"], r["height"])
+        return read_bucketed(images, r["key"], r["width"], r["height"])
 
     with model_executor(params_file) as executor:
         device, threads = p.device, workers or default_workers()

@@ -24,7 +24,7 @@ from tasks.core.executors import model_executor
 from tasks.core.params import PARAMS_FILE
 from tasks.core.runner import run_model
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import Store, item_key, tensor_bytes
+from tasks.core.store import Store, item_key, read_metadata, tensor_bytes
 from tasks.core.workers import Failed, Result, Worker, check_device
 
 log = logging.getLogger("niche.embed_text")
@@ -84,10 +84,7 @@ def text_id(text: str) -> str:
 
 def read_item_info(store: Store, key: str) -> tuple[int, bool]:
     """(length, truncated) from an item's header, without reading its arrays."""
-    from safetensors import safe_open
-
-    with safe_open(str(store.path(key)), framework="numpy") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(store, key)
     return int(meta["length"]), meta["truncated"] == "1"
 
 

@@ -3,7 +3,7 @@
 
 The SDXL trainer reads these instead of running the VAE every step. Each item
 carries its sample's content id in its safetensors metadata, and the trainer
-loads it through `read_latent(path, expect_id)`: a latent can never be paired
+loads it through `read_latent(item, expect_id)`: a latent can never be paired
 with another image's caption, as a cache indexed by loader position can be when
 the loader shuffles (diffusers' advanced SDXL script with `--cache_latents`).
 
@@ -23,14 +23,14 @@ from PIL import Image
 
 from models.hub import ResolvedModel, SetupError, fingerprint, resolve, resolve_here
 from models.sdxl import pipeline as sdxl
-from tasks.bucket import STORE as BUCKET_STORE
+from tasks.bucket import bucket_store
 from tasks.core import manifest
 from tasks.core.executors import default_workers, model_executor
 from tasks.core.images import BucketedImage, decode_bucketed, read_bucketed
 from tasks.core.params import PARAMS_FILE
 from tasks.core.runner import run_model, settle_rows
 from tasks.core.stage import ItemError, Report, stage_main
-from tasks.core.store import Store, item_key, tensor_bytes
+from tasks.core.store import ItemRef, Store, item_key, tensor_bytes, tensors_from_bytes
 from tasks.core.workers import Failed, Result, Worker, where
 
 log = logging.getLogger("niche.latents")
@@ -205,7 +205,7 @@ def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
                  manifest.read_table(in_dir / "ingest.parquet", manifest.INGEST).to_pylist()}
     resolved = resolve(p.model, "latents.model", p.revision, allow_patterns=VAE_ALLOW)
     vkey = vae_key(resolved)
-    store = Store(store_dir, ".safetensors")
+    store = latents_store(store_dir)
 
     rows, upstream, by_id, work = [], {}, {}, []
     for s in samples:
@@ -229,13 +229,15 @@ def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
         key = item_key("latents", VERSION, [s["id"], s["key"]],
                        {"bucket": s["bucket"], "size": [w, h], "dtype": p.dtype}, model=vkey)
         row.update(key=key, file=store.relpath(key))
-        by_id[s["id"]] = row | {"bucket_file": s["file"], "bucket_size": (s["width"], s["height"])}
+        by_id[s["id"]] = row | {"bucket_key": s["key"], "bucket_size": (s["width"], s["height"])}
         work.append((s["id"], key))
+
+    images = bucket_store()
 
     def read_input(item_id: str) -> LatentInput:
         r = by_id[item_id]
         return LatentInput(item_id, r["bucket"], r["width"], r["height"],
-                           read_bucketed(BUCKET_STORE / r["bucket_file"], *r["bucket_size"]))
+                           read_bucketed(images, r["bucket_key"], *r["bucket_size"]))
 
     # A fatal VAE problem (or a missing CUDA) raises in the worker's setup: one error for the stage.
     with model_executor(params_file) as executor:
@@ -262,7 +264,12 @@ def latents(p: LatentsParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Pat
     return report
 
 
-def read_latent(path: Path | str, expect_id: str) -> dict:
+def latents_store(root: Path = STORE) -> Store:
+    """The latents, by key: what the SDXL trainers read (tasks/sdxl/data.py)."""
+    return Store(root, ".safetensors")
+
+
+def read_latent(item: ItemRef, expect_id: str) -> dict:
     """One latent item: {"mean", "std": float16 (4, h, w) arrays, "meta": its metadata}.
 
     Raises LatentMismatch when the item was computed for another sample than
@@ -270,18 +277,16 @@ def read_latent(path: Path | str, expect_id: str) -> dict:
     holds id, bucket, width and height (encoded pixels), vae, dtype and
     scaling_factor (the trainer multiplies samples of the latent by it).
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"latent {path} (sample {expect_id}) is missing; run the latents stage again")
-    with safe_open(str(path), framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        got = meta.get("id")
-        if got != expect_id:
-            raise LatentMismatch(f"latent {path} belongs to sample {got}, not to {expect_id}: "
-                                 "the latents table and the store disagree; run the latents stage again")
-        out = {name: f.get_tensor(name) for name in ("mean", "std")}
+    try:
+        blob = item.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"latent {item} (sample {expect_id}) is missing; run the latents stage again") from None
+    arrays, meta = tensors_from_bytes(blob, f"latent {item}")
+    got = meta.get("id")
+    if got != expect_id:
+        raise LatentMismatch(f"latent {item} belongs to sample {got}, not to {expect_id}: "
+                             "the latents table and the store disagree; run the latents stage again")
+    out = {name: arrays[name] for name in ("mean", "std")}
     meta.update(width=int(meta["width"]), height=int(meta["height"]),
                 scaling_factor=float(meta["scaling_factor"]))
     return {**out, "meta": meta}

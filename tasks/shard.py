@@ -42,7 +42,7 @@ from tasks.data import shard_format as fmt
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.core.executors import default_workers
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import TMP_SUFFIX, Store
+from tasks.core.store import TMP_SUFFIX
 
 log = logging.getLogger("niche.shard")
 
@@ -117,9 +117,9 @@ def gather(in_dir: Path) -> tuple[list[dict], dict[str, fmt.Sample], dict[str, s
               "embed_text": _rows(in_dir / "embed_text.parquet", embed_text.SCHEMA),
               "embed_image": _rows(in_dir / "embed_image.parquet", embed_image.SCHEMA),
               "embed_pose": _rows(in_dir / "embed_pose.parquet", embed_pose.SCHEMA)}
-    stores = {"embed_text": Store(embed_text.STORE, ".safetensors"),
-              "embed_image": Store(embed_image.STORE, ".safetensors"),
-              "embed_pose": Store(embed_pose.STORE, ".safetensors")}
+    stores = {"bucket": (str(BUCKET_STORE), ".png"), "embed_text": (str(embed_text.STORE), ".safetensors"),
+              "embed_image": (str(embed_image.STORE), ".safetensors"),
+              "embed_pose": (str(embed_pose.STORE), ".safetensors")}
     samples, errors = {}, {}
     for b in buckets:
         try:
@@ -153,10 +153,12 @@ def _sample(b: dict, ingest: dict, tables: dict, stores: dict) -> fmt.Sample:
         if rows[stage]["bucket"] != b["bucket"]:
             raise _Missing(f"{stage}: made for bucket {rows[stage]['bucket']}, the sample is in "
                            f"{b['bucket']}; run {stage} again")
-    png = BUCKET_STORE / b["file"]
-    if not png.is_file():
-        raise _Missing(f"bucket: item {png} is missing; run bucket again")
-    paths = {stage: stores[stage].path(rows[stage]["key"]) for stage in stores}
+    png = fmt.ItemRef(*stores["bucket"], b["key"])
+    try:
+        png_bytes = png.store().size(png.key)
+    except FileNotFoundError:
+        raise _Missing(f"bucket: item {png} is missing; run bucket again") from None
+    paths = {stage: fmt.ItemRef(*stores[stage], rows[stage]["key"]) for stage in stores if stage != "bucket"}
     shapes = {}
     for stage, path in paths.items():
         try:
@@ -179,9 +181,8 @@ def _sample(b: dict, ingest: dict, tables: dict, stores: dict) -> fmt.Sample:
     return fmt.Sample(
         id=sid, split=b["split"], bucket=b["bucket"], width=b["width"], height=b["height"],
         caption=rows["caption"]["text"], source=ingest[sid]["path"], n_people=rows["embed_pose"]["n_people"],
-        t5_length=length, t5_dim=hidden[1], dino_dim=cls[0], grid=grid, image_path=str(png),
-        image_bytes=png.stat().st_size, text_path=str(paths["embed_text"]),
-        image_item_path=str(paths["embed_image"]), pose_path=str(paths["embed_pose"]),
+        t5_length=length, t5_dim=hidden[1], dino_dim=cls[0], grid=grid, image=png,
+        image_bytes=png_bytes, text=paths["embed_text"], dino=paths["embed_image"], pose=paths["embed_pose"],
         keys=(("bucket", b["key"]), ("caption", rows["caption"]["key"]), ("embed_text", rows["embed_text"]["key"]),
               ("embed_image", rows["embed_image"]["key"]), ("embed_pose", rows["embed_pose"]["key"])))
 

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ from PIL import Image
 from tasks.bucket import DEFAULT_BUCKETS, BucketParams, bucket, cover_crop, nearest_bucket, render
 from tasks.ingest import IngestParams, ingest
 from tasks.sample.__main__ import make_sample
+from tasks.core.store import Store
+from tests.storekit import item_bytes
 
 M = Path("data/manifest")
 STORE = Path("data/derived/bucket")
@@ -59,7 +62,7 @@ def test_every_sample_is_stored_at_its_bucket(ingested):
     rows = _rows()
     assert report.computed == len(rows) and report.failed == 0
     for r in rows:
-        img = Image.open(STORE / r["file"])
+        img = Image.open(io.BytesIO(item_bytes(STORE, r["key"])))
         assert img.format == "PNG" and img.mode == "RGB"
         assert img.size == (r["width"], r["height"]) and r["bucket"] == f"{r['width']}x{r['height']}"
     assert len({r["bucket"] for r in rows}) >= 3  # the figures come in several shapes
@@ -77,7 +80,7 @@ def test_true_keypoints_land_on_the_figure_after_bucketing(ingested):
         r = rows[ids[image.as_posix()]]
         kp = np.array(json.loads(truth.read_text())["keypoints"])[:, :2]
         xy = (kp - [r["left"], r["top"]]) * r["scale"]
-        px = np.asarray(Image.open(STORE / r["file"]).convert("L"), np.float32)
+        px = np.asarray(Image.open(io.BytesIO(item_bytes(STORE, r["key"]))).convert("L"), np.float32)
         inside = (xy[:, 0] >= 0) & (xy[:, 0] < r["width"]) & (xy[:, 1] >= 0) & (xy[:, 1] < r["height"])
         # Body joints (0-16) inside the crop sit on particles: dark pixels nearby.
         for x, y in xy[:17][inside[:17]]:
@@ -108,25 +111,35 @@ def test_adding_a_bucket_recomputes_only_images_that_move(ingested):
 
 
 def test_sigkill_midway_then_rerun_finishes_and_reuses(ingested):
-    """A bucket run killed at an arbitrary moment leaves only whole files, and
-    the re-run reuses every finished one."""
+    """A bucket run killed at an arbitrary moment leaves its items in a pack it never sealed:
+    nobody reads them as done, and the re-run keeps every whole one (a torn last one is cut)."""
+    from tasks.core import packs
+
     env = {**os.environ, "NICHE_WORKERS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     Path("params.yaml").write_text("bucket: {}\n")
     proc = subprocess.Popen([sys.executable, "-m", "tasks.bucket"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def written() -> int:
+        return sum(len(packs.scan_records(p)[0]) for p in packs.open_packs(STORE / "packs"))
+
     t0 = time.monotonic()
-    while len(list(STORE.glob("??/*.png"))) < 3 and time.monotonic() - t0 < 60:
+    while written() < 3 and time.monotonic() - t0 < 60:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = list(STORE.glob("??/*.png"))
+    done = written()
     total = len(pq.read_table(M / "ingest.parquet"))
-    assert 3 <= len(done) < total, "the kill must land mid-way"
+    assert 3 <= done < total, "the kill must land mid-way"
     assert not (M / "bucket.parquet").exists()
-    for f in done:  # every visible item is whole
-        Image.open(f).load()
+    store = Store(STORE, ".png")
+    assert store.keys() == set()  # an open pack is nobody's to read
+    assert store.remove_stale_temps() == 1
+    for key in store.keys():  # every kept item is whole
+        Image.open(io.BytesIO(store.read_bytes(key))).load()
+    assert len(store.keys()) == done
     rerun = bucket(BucketParams(), workers=2)
-    assert rerun.reused == len(done) and rerun.computed == total - len(done) and rerun.failed == 0
+    assert rerun.reused == done and rerun.computed == total - done and rerun.failed == 0
     assert not list(STORE.rglob("*.tmp"))
     assert len(_rows()) == total
 
@@ -150,7 +163,7 @@ def test_the_worker_pickles_and_makes_the_thread_paths_bytes(ingested):
     from tasks.core.workers import Failed
 
     def store_bytes():
-        return {r["key"]: (STORE / r["file"]).read_bytes() for r in _rows() if r["error"] is None}
+        return {r["key"]: item_bytes(STORE, r["key"]) for r in _rows() if r["error"] is None}
 
     assert bucket(BucketParams(), workers=2).failed == 0
     threads = store_bytes()

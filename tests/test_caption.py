@@ -1,5 +1,6 @@
 """The caption stage with a real tiny Gemma 3 (random weights, loaded by the same
 code as google/gemma-3-27b-it), the sidecar backend, and the text checks."""
+import io
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from tasks.ingest import IngestParams, ingest
 from tasks.core.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
 from tests.conftest import bucketed_sample
+from tests.storekit import item_bytes, replace_item
 
 M = Path("data/manifest")
 SMALL = BucketParams(buckets=((256, 256), (320, 192), (192, 320)))
@@ -57,10 +59,9 @@ def test_tiny_gemma_end_to_end_caches_and_applies_the_trigger_late(bucketed, tin
     report = caption(p, workers=2)
     rows = _rows()
     assert len(rows) == 4 and report.computed == 4 and report.failed == 0
-    store = Path(STORE)
     for r in rows:
         assert r["error"] is None and r["text"] and r["split"] == "train"
-        raw = json.loads((store / r["file"]).read_text())
+        raw = json.loads(item_bytes(STORE, r["key"]))
         assert set(raw) == {"text", "ended", "tokens"}
         assert r["text"] == normalize(raw["text"])
         # Random weights never say "the end": every caption runs into the limit and is flagged.
@@ -114,7 +115,7 @@ def test_tiny_gemma_can_only_generate_plain_words(tiny):
 def _bucketed_figures(sizes: BucketParams) -> list[Image.Image]:
     bucket(sizes, workers=2)
     rows = sorted(pq.read_table(M / "bucket.parquet").to_pylist(), key=lambda r: r["id"])
-    return [Image.open(Path("data/derived/bucket", r["file"])).convert("RGB") for r in rows]
+    return [Image.open(io.BytesIO(item_bytes("data/derived/bucket", r["key"]))).convert("RGB") for r in rows]
 
 
 def test_tiny_gemma_captions_depend_on_the_image_and_read_as_words(chdir, tiny):
@@ -163,7 +164,7 @@ def test_bad_images_fail_alone_with_a_reason(chdir, tiny):
     buckets = {r["id"]: r for r in pq.read_table(M / "bucket.parquet").to_pylist()}
     ok = sorted(i for i, r in buckets.items() if r["error"] is None)
     # A bucketed image damaged on disk after bucket ran.
-    Path("data/derived/bucket", buckets[ok[0]]["file"]).write_bytes(b"not a png")
+    replace_item("data/derived/bucket", buckets[ok[0]]["key"], b"not a png")
 
     report = caption(CaptionParams(model=str(tiny), max_new_tokens=8, batch_size=4), workers=2)
     rows = {r["id"]: r for r in _rows()}

@@ -19,6 +19,7 @@ from tasks.core.params import ParamsError, from_dict
 from tasks.core.store import item_key
 from tests.conftest import bucketed_sample
 from tests.openai_server import Served, free_port
+from tests.storekit import item_bytes, replace_item, store_of
 
 SMALL = BucketParams(buckets=((256, 256), (320, 192), (192, 320)))
 MANIFEST = Path("data/manifest/caption.parquet")
@@ -72,7 +73,7 @@ def _rows() -> list[dict]:
 
 
 def _stored() -> set[str]:
-    return {f.name for f in Path(STORE).rglob("*.json")}
+    return store_of(STORE).keys()
 
 
 @pytest.mark.slow
@@ -83,7 +84,7 @@ def test_captions_come_through_the_server_keyed_by_the_served_model(bucketed, se
     buckets = {r["id"]: r for r in pq.read_table("data/manifest/bucket.parquet").to_pylist()}
     rows = _rows()
     for r in rows:
-        raw = json.loads(Path(STORE, r["file"]).read_text())
+        raw = json.loads(item_bytes(STORE, r["key"]))
         # Random weights never end on their own: finish_reason "length" -> flagged, 8 tokens.
         assert raw["tokens"] == 8 and raw["ended"] is False and r["flags"] == [FLAG_MAX_TOKENS]
         assert r["error"] is None and len(r["text"].split()) >= 4
@@ -92,7 +93,7 @@ def test_captions_come_through_the_server_keyed_by_the_served_model(bucketed, se
     assert len({r["text"] for r in rows}) > 1  # each image reaches the model
     bodies = server.stats()["bodies"]
     assert {b["image_sha256"] for b in bodies} == {
-        hashlib.sha256(Path("data/derived/bucket", b["file"]).read_bytes()).hexdigest() for b in buckets.values()}
+        hashlib.sha256(item_bytes("data/derived/bucket", b["key"])).hexdigest() for b in buckets.values()}
     # Greedy: no sampling knobs sent.
     assert all(b["prompt"] == p.instruction and b["max_tokens"] == 8 and b["temperature"] == 0
                and not {"top_p", "top_k", "seed"} & set(b) for b in bodies)
@@ -141,7 +142,7 @@ def test_500s_are_retried_and_a_4xx_fails_its_item_only(bucketed, server):
     # A damaged image: the server answers 400, which no retry or other server fixes.
     row = _rows()[0]
     buckets = {r["id"]: r for r in pq.read_table("data/manifest/bucket.parquet").to_pylist()}
-    Path("data/derived/bucket", buckets[row["id"]]["file"]).write_bytes(b"not a png")
+    replace_item("data/derived/bucket", buckets[row["id"]]["key"], b"not a png")
     received = server.stats()["received"]
     report = caption(_params(server.url, max_new_tokens=6), workers=2)
     assert report.computed == 3 and report.failed == 1

@@ -1,6 +1,7 @@
 """embed_image on a tiny random-weight DINOv3 built here and loaded like a real one."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tasks.embed_image import EmbedImageParams, embed_image
 from tasks.core.params import from_dict
 from tasks.core.store import Store, read_tensors
 from tests.conftest import bucketed_sample
+from tests.storekit import item_bytes, remove_item, replace_item
 
 M = Path("data/manifest")
 SMALL = BucketParams(buckets=((256, 256), (320, 192), (192, 320)))
@@ -44,7 +46,7 @@ def item(row: dict, store_dir: Path = stage.STORE) -> dict:
     return read_tensors(Store(store_dir, ".safetensors"), row["key"])[0]
 
 
-def by_hand(model_dir: Path, png: Path) -> np.ndarray:
+def by_hand(model_dir: Path, png) -> np.ndarray:
     """last_hidden_state (1 + R + h·w, D) of the saved model on one image, normalised in numpy."""
     from transformers import DINOv3ViTModel
 
@@ -74,7 +76,7 @@ def test_cls_and_patch_grid_per_bucket(bucketed, tiny_dino):
     assert len(seen) >= 2  # at least two sizes went through
     for r, s in seen.values():
         t, h, w = item(r), s["height"] // 16, s["width"] // 16
-        ref = by_hand(tiny_dino, BUCKET_STORE / s["file"])
+        ref = by_hand(tiny_dino, io.BytesIO(item_bytes(BUCKET_STORE, s["key"])))
         assert ref.shape == (1 + REGISTERS + h * w, 64)
         np.testing.assert_allclose(t["cls"].astype(np.float32), ref[0], rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(t["patches"].astype(np.float32), ref[1 + REGISTERS:].reshape(h, w, 64),
@@ -128,8 +130,10 @@ def test_bad_inputs_are_listed_and_the_rest_goes_on(bucketed, tiny_dino):
     src = manifest.read_table(M / "bucket.parquet", manifest.BUCKET).to_pylist()
     src[0].update(key=None, file=None, error="x.png changed since ingest (sha256 differs); run ingest again")
     manifest.write_table(src, manifest.BUCKET, M / "bucket.parquet", sort_by="id")
-    (BUCKET_STORE / src[1]["file"]).unlink()
-    Image.new("RGB", (64, 64)).save(BUCKET_STORE / src[2]["file"], format="PNG")  # not its bucket's size
+    remove_item(BUCKET_STORE, src[1]["key"])
+    small = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(small, format="PNG")
+    replace_item(BUCKET_STORE, src[2]["key"], small.getvalue())  # not its bucket's size
     report = embed_image(EmbedImageParams(model=str(tiny_dino)), workers=2)
     assert (report.total, report.computed, report.failed) == (6, 3, 3)
     got = {r["id"]: r for r in rows()}

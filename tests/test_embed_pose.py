@@ -21,6 +21,7 @@ from tasks.ingest import IngestParams, ingest
 from tasks.core.params import ParamsError, from_dict
 from tasks.sample.__main__ import make_sample
 from tasks.core.store import Store, read_tensors
+from tests.storekit import replace_item, store_of
 
 SMALL_BUCKETS = ((256, 256), (320, 192), (192, 320))
 CPU_WARNING = "DWPose runs on the CPU"
@@ -118,7 +119,7 @@ def test_stage_end_to_end(bucketed, tiny, caplog):
 def test_bad_inputs_are_listed_and_the_rest_goes_on(bucketed, tiny):
     rows = manifest.read_table(Path("data/manifest/bucket.parquet"), manifest.BUCKET).to_pylist()
     rows[0].update(key=None, file=None, error="corrupt: cannot decode")  # failed upstream
-    Path("data/derived/bucket", rows[1]["file"]).write_bytes(b"not a png")  # damaged on disk
+    replace_item("data/derived/bucket", rows[1]["key"], b"not a png")  # damaged on disk
     manifest.write_table(rows, manifest.BUCKET, Path("data/manifest/bucket.parquet"), sort_by="id")
 
     report = embed_pose(_params(tiny, device="cpu"), workers=2)
@@ -222,6 +223,7 @@ def test_worker_pickles_and_clean_runs_are_byte_identical(bucketed, tiny):
     first = {r["key"]: store.read_bytes(r["key"]) for r in _rows()}
     shutil.rmtree(STORE)
     assert embed_pose(p, workers=2).computed == 3
+    store = Store(STORE, ".safetensors")
     assert {r["key"]: store.read_bytes(r["key"]) for r in _rows()} == first
 
     det, pose = resolve_onnx(str(tiny[0]), "d"), resolve_onnx(str(tiny[1]), "p")
@@ -229,8 +231,9 @@ def test_worker_pickles_and_clean_runs_are_byte_identical(bucketed, tiny):
     worker.setup()
     src = {r["id"]: r for r in manifest.read_table(Path("data/manifest/bucket.parquet"), manifest.BUCKET).to_pylist()}
     rows = _rows()
-    images = [read_bucketed(Path("data/derived/bucket") / src[r["id"]]["file"], src[r["id"]]["width"],
-                            src[r["id"]]["height"]) for r in rows]
+    bucketed = store_of("data/derived/bucket")
+    images = [read_bucketed(bucketed, src[r["id"]]["key"], src[r["id"]]["width"], src[r["id"]]["height"])
+              for r in rows]
     assert worker.run(images) == [first[r["key"]] for r in rows]
 
     # A node whose file is not the driver's is refused at setup, naming the param.

@@ -21,6 +21,7 @@ from tasks.expand import (EMPTY, PARTICLE_TEMPLATE, STORE, VERSION, ExpandParams
 from tasks.core.store import item_key
 from tests.conftest import ROOT
 from tests.openai_server import Served, free_port
+from tests.storekit import item_bytes
 
 WORDS = Path("data/prompts/words.txt")
 PLAIN = ("plain", "a drawing of {scene}, white background")
@@ -90,7 +91,7 @@ def test_table_rows_are_words_x_variations_x_templates_and_a_rerun_computes_noth
     model_key = None
     for r in rows:
         assert r["id"] == row_id(r["word"], r["variation"], r["template"]) and r["error"] is None
-        raw = json.loads(Path(STORE, r["file"]).read_text())
+        raw = json.loads(item_bytes(STORE, r["key"]))
         assert r["scene"] == normalize_scene(raw["text"]) and len(r["scene"].split()) >= 3
         template = dict(p.templates)[r["template"]]
         assert r["prompt"] == template.format(scene=r["scene"])

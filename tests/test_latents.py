@@ -1,6 +1,7 @@
 """latents on the tiny SDXL VAE (random weights, built from configs, loaded like the real one)."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,12 +19,17 @@ from tasks.bucket import STORE as BUCKET_STORE
 from tasks.bucket import BucketParams
 from tasks.latents import LatentMismatch, LatentsParams, encoded_size, latents, read_latent
 from tasks.core.params import ParamsError, from_dict
-from tasks.core.store import Store
+from tasks.core.store import ItemRef, Store
+from tests.storekit import item_bytes, replace_item, store_of
 from tests.conftest import BIN, bucketed_sample, run
 
 M = Path("data/manifest")
 # Multiples of 64 at half scale: three encoded sizes, 128x128, 256x128 and 128x256.
 SMALL = BucketParams(buckets=((256, 256), (512, 256), (256, 512)))
+
+
+def latent(key: str) -> ItemRef:
+    return ItemRef(str(stage.STORE), ".safetensors", key)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def test_each_sample_gets_its_own_latent(bucketed, vae_dir):
         assert (r["latent_width"], r["latent_height"]) == (r["width"] // 8, r["height"] // 8)
         assert (r["orig_width"], r["orig_height"]) == (orig[r["id"]]["width"], orig[r["id"]]["height"])
         assert (r["crop_left"], r["crop_top"]) == (round(s["left"] * s["scale"] / 2), round(s["top"] * s["scale"] / 2))
-        item = read_latent(stage.STORE / r["file"], r["id"])
+        item = read_latent(latent(r["key"]), r["id"])
         for name in ("mean", "std"):
             assert item[name].dtype == np.float16 and item[name].shape == (4, r["height"] // 8, r["width"] // 8)
         assert (item["std"] > 0).all()
@@ -92,7 +98,7 @@ def test_each_sample_gets_its_own_latent(bucketed, vae_dir):
     for (w, h), (r, item) in one_per_size.items():
         mean = torch.from_numpy(item["mean"].astype(np.float32))
         # It is this sample's image (resized from its own bucketed PNG), not a neighbour's.
-        ref = encode_by_hand(vae, BUCKET_STORE / src[r["id"]]["file"], (w, h))
+        ref = encode_by_hand(vae, io.BytesIO(item_bytes(BUCKET_STORE, src[r["id"]]["key"])), (w, h))
         np.testing.assert_allclose(mean.numpy(), ref.numpy(), rtol=1e-2, atol=1e-2)
         with torch.inference_mode():
             decoded = vae.decode(mean[None]).sample
@@ -100,7 +106,7 @@ def test_each_sample_gets_its_own_latent(bucketed, vae_dir):
 
     wrong = next(x["id"] for x in got if x["id"] != got[0]["id"])
     with pytest.raises(LatentMismatch, match=f"{got[0]['id']}.*{wrong}"):
-        read_latent(stage.STORE / got[0]["file"], wrong)
+        read_latent(latent(got[0]["key"]), wrong)
 
 
 def test_rerun_reuses_and_dtype_or_scale_recompute(bucketed, vae_dir, monkeypatch):
@@ -119,8 +125,8 @@ def test_rerun_reuses_and_dtype_or_scale_recompute(bucketed, vae_dir, monkeypatc
     assert (bf16.computed, bf16.reused) == (6, 0)
     for r in rows():
         assert r["key"] != fp32[r["id"]]
-        a = read_latent(stage.STORE / r["file"], r["id"])
-        b = read_latent(Store(stage.STORE, ".safetensors").path(fp32[r["id"]]), r["id"])
+        a = read_latent(latent(r["key"]), r["id"])
+        b = read_latent(latent(fp32[r["id"]]), r["id"])
         assert a["meta"]["dtype"] == "bfloat16"
         diff = np.abs(a["mean"].astype(np.float32) - b["mean"].astype(np.float32))
         assert 0 < diff.max() < 0.25  # bf16 rounding of the same VAE
@@ -139,7 +145,7 @@ def test_bad_items_fail_alone_and_splits_filter(bucketed, vae_dir):
     src[1]["split"] = "holdout"  # not configured below: no row at all
     src[2]["split"] = "rejected"
     manifest.write_table(src, manifest.BUCKET, M / "bucket.parquet", sort_by="id")
-    (BUCKET_STORE / src[3]["file"]).write_bytes(b"this is not a PNG")
+    replace_item(BUCKET_STORE, src[3]["key"], b"this is not a PNG")
     report = latents(params(vae_dir, splits=("train", "rejected")), workers=2)
     assert (report.total, report.computed, report.failed) == (5, 3, 2)
     got = {r["id"]: r for r in rows()}
@@ -190,6 +196,7 @@ def test_worker_pickles_and_clean_runs_are_byte_identical(bucketed, vae_dir):
     first = {r["key"]: store.read_bytes(r["key"]) for r in rows()}
     shutil.rmtree(stage.STORE)
     assert latents(params(vae_dir, batch_size=1), workers=1).computed == 6
+    store = Store(stage.STORE, ".safetensors")
     assert {r["key"]: store.read_bytes(r["key"]) for r in rows()} == first
 
     resolved = resolve(str(vae_dir), "latents.model", allow_patterns=stage.VAE_ALLOW)
@@ -200,5 +207,5 @@ def test_worker_pickles_and_clean_runs_are_byte_identical(bucketed, vae_dir):
     r = rows()[0]
     s = src[r["id"]]
     item = stage.LatentInput(r["id"], r["bucket"], r["width"], r["height"],
-                             read_bucketed(BUCKET_STORE / s["file"], s["width"], s["height"]))
+                             read_bucketed(store_of(BUCKET_STORE), s["key"], s["width"], s["height"]))
     assert worker.run([item]) == [first[r["key"]]]

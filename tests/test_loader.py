@@ -1,6 +1,7 @@
 """The training loader on local shards built by tests/shardkit.py (FORMAT of the shard stage)."""
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import tarfile
@@ -347,6 +348,7 @@ def test_reads_what_the_shard_stage_writes(tiny_models, chdir):
 
     from tasks import caption, embed_image, embed_pose, embed_text
     from tasks.bucket import STORE, BucketParams, bucket
+    from tests.storekit import item_bytes
     from tasks.ingest import IngestParams, ingest
     from tasks.sample.__main__ import make_sample
     from tasks.shard import ShardParams, shard
@@ -363,7 +365,7 @@ def test_reads_what_the_shard_stage_writes(tiny_models, chdir):
     shard(ShardParams(max_samples=3, min_shards=1, patch_pool=2), workers=2)
     index = [r for r in pq.read_table("data/shards/index.parquet").to_pylist() if r["shard"]]
     captions = {r["id"]: r["text"] for r in pq.read_table("data/manifest/caption.parquet").to_pylist()}
-    png = {r["id"]: STORE / r["file"] for r in pq.read_table("data/manifest/bucket.parquet").to_pylist()}
+    png = {r["id"]: item_bytes(STORE, r["key"]) for r in pq.read_table("data/manifest/bucket.parquet").to_pylist()}
     for split in ("train", "holdout"):
         with ShardLoader("data/shards", split=split, batch_size=2, num_workers=2, flip=0.5) as loader:
             ids = []
@@ -371,7 +373,7 @@ def test_reads_what_the_shard_stage_writes(tiny_models, chdir):
                 w, h = map(int, b["bucket"].split("x"))
                 assert b["dino_patches"].shape[1:3] == (h // 32, w // 32)  # 2x2-pooled DINOv3 grid
                 for j, sid in enumerate(b["ids"]):
-                    image = torch.from_numpy(np.array(Image.open(png[sid]).convert("RGB"))).permute(2, 0, 1)
+                    image = torch.from_numpy(np.array(Image.open(io.BytesIO(png[sid])).convert("RGB"))).permute(2, 0, 1)
                     assert torch.equal(b["image"][j], image.flip(-1) if b["flipped"][j] else image)
                     assert b["captions"][j] == captions[sid]
                 ids += b["ids"]

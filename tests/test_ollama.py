@@ -16,6 +16,7 @@ from tasks.bucket import BucketParams, bucket
 from tasks.caption import FLAG_MAX_TOKENS, CaptionParams, caption
 from tasks.ingest import IngestParams, ingest
 from tasks.sample.__main__ import make_sample
+from tests.storekit import item_bytes
 
 CANNED = "  A particle figure\n\nstands upright,   arms at its sides. "
 PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
@@ -164,7 +165,7 @@ def test_stage_captions_through_ollama_and_reuses_without_the_server(bucketed, s
     assert {r["text"] for r in rows} == {"TOK, A particle figure stands upright, arms at its sides."}
     buckets = {r["id"]: r for r in pq.read_table("data/manifest/bucket.parquet").to_pylist()}
     sent = {base64.b64decode(req["images"][0]) for req in server.generate_requests}
-    assert sent == {Path("data/derived/bucket", b["file"]).read_bytes() for b in buckets.values()}
+    assert sent == {item_bytes("data/derived/bucket", b["key"]) for b in buckets.values()}
     assert all(r["prompt"] == CaptionParams().instruction for r in server.generate_requests)
 
     # Everything is stored: a re-run needs no server at all.

@@ -22,6 +22,7 @@ from tasks.bucket import BucketParams, bucket
 from tasks.caption import CaptionParams, caption
 from tasks.core.executors import RAY_ADDRESS_ENV
 from tasks.core.store import Store
+from tests.storekit import item_bytes, replace_item
 from tasks.embed_image import EmbedImageParams, embed_image
 from tasks.embed_text import EmbedTextParams, embed_text
 from tasks.ingest import IngestParams, ingest
@@ -78,8 +79,9 @@ def dataset(chdir, tiny_models) -> Path:
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
+    """Every item of the store at `root`, by key: what a stage computed, however its packs are laid out."""
+    store = Store(root, ".item")  # the extension only names loose files; packs hold keys
+    return {k: store.read_bytes(k) for k in sorted(store.keys())}
 
 
 def stages(models: Path, tag: str) -> dict[str, object]:
@@ -114,15 +116,14 @@ def test_ray_stores_equal_local_byte_for_byte_and_only_missing_keys_travel(chdir
     bucket(SMALL, workers=2)
     # One bucketed image the workers cannot decode: it fails alone, with the local reason.
     broken = next(r for r in pq.read_table(M / "bucket.parquet").to_pylist() if r["split"] == "train")
-    target = BUCKET_STORE / broken["file"]
-    target.unlink()  # a new file, not a write into the old one (the store is write-once)
-    target.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    target = f"{BUCKET_STORE}/{broken['file']}"
+    replace_item(BUCKET_STORE, broken["key"], b"\x89PNG\r\n\x1a\n not really a png")
 
     on_ray(True)  # bucket's CPU work on the cluster too: the same PNGs as the threads made
     rows = pq.read_table(M / "bucket.parquet").to_pylist()
     by_ray = bucket(SMALL, out_dir=Path("bucket-ray"), store_dir=Path("bucket-ray"))
     assert (by_ray.computed, by_ray.failed) == (len(rows), 0)
-    assert all((Path("bucket-ray") / r["file"]).read_bytes() == (BUCKET_STORE / r["file"]).read_bytes()
+    assert all(item_bytes("bucket-ray", r["key"], ".png") == item_bytes(BUCKET_STORE, r["key"])
                for r in rows if r["id"] != broken["id"])
 
     on_ray(False)
@@ -165,7 +166,7 @@ def test_a_worker_killed_mid_stage_costs_only_time(dataset, tiny_models, on_ray,
 
     def write_and_kill(self, key, data):
         path = write(self, key, data)
-        if not killed and len(files(self.root)) == 2:
+        if not killed and len(self._index()) == 2:
             pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_actor(p)]
             assert pids, "no Ray actor process found"
             os.kill(pids[0], signal.SIGKILL)

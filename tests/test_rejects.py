@@ -19,6 +19,7 @@ from tasks import embed_image, embed_pose, embed_text, ingest as ingest_stage
 from tasks.bucket import BucketParams, bucket
 from tasks.ingest import IngestParams, ingest
 from tasks.core.params import from_dict
+from tests.storekit import store_of
 from tasks.sample.__main__ import main as sample_main
 from tasks.sample.__main__ import make_sample
 from tasks.sample.rejects import write_rejects
@@ -176,7 +177,7 @@ def test_bucket_keeps_rejects_and_the_nanodit_stages_skip_them(built):
     buckets = {r["id"]: r for r in _rows("bucket", m)}
     assert set(buckets) == rejects | approved
     assert all(buckets[i]["error"] is None and buckets[i]["split"] == "rejected" for i in rejects)
-    assert all((root / "data/derived/bucket" / buckets[i]["file"]).is_file() for i in rejects)
+    assert all(store_of(root / "data/derived/bucket").has(buckets[i]["key"]) for i in rejects)
     assert reports["bucket"].extra["rejected"] == 3
     for stage in ("caption", "embed_text", "embed_image", "embed_pose"):
         assert {r["id"] for r in _rows(stage, m)} == approved, stage

@@ -33,6 +33,7 @@ from tasks.sample.__main__ import make_sample
 from tasks.sample.particles import write_particle_dataset
 from tasks.shard import INDEX, SHARDS, ShardParams, main, shard
 from tasks.core.store import Store, read_tensors
+from tests.storekit import item_bytes
 
 M = Path("data/manifest")
 S = Path("data/shards")
@@ -88,7 +89,7 @@ def upstream_item(sid: str) -> dict:
             for name, schema in (("bucket", manifest.BUCKET), ("caption", caption_stage.SCHEMA),
                                  ("embed_text", embed_text.SCHEMA), ("embed_image", embed_image.SCHEMA),
                                  ("embed_pose", embed_pose.SCHEMA))}
-    item = {"rows": rows, "png": (BUCKET_STORE / rows["bucket"]["file"]).read_bytes()}
+    item = {"rows": rows, "png": item_bytes(BUCKET_STORE, rows["bucket"]["key"])}
     for mod in (embed_text, embed_image, embed_pose):
         item.update(read_tensors(Store(mod.STORE, ".safetensors"), rows[mod.__name__.split(".")[-1]]["key"])[0])
     return item

@@ -21,7 +21,9 @@ from tasks.core.params import from_dict
 from tasks.sdxl.checkpoint import finished
 from tasks.sdxl.trainer import LoraTrainer
 from tasks.sdxl.params import LoraParams, WrongParams
+from tasks.core.store import ItemRef
 from tests.conftest import make_repo, run
+from tests.storekit import replace_item
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,10 +149,10 @@ def test_frozen_text_encoders_run_once_per_prompt_and_a_full_cache_changes_nothi
 def test_a_latent_paired_with_another_samples_row_is_left_out_and_the_rest_trains(root, caplog):
     table = root / "data/manifest/latents.parquet"
     rows = pq.read_table(table).to_pylist()
-    train = [r for r in rows if r["split"] == "train" and r["file"]]
-    train[0]["file"], train[1]["file"] = train[1]["file"], train[0]["file"]
+    train = [r for r in rows if r["split"] == "train" and r["key"]]
+    train[0]["key"], train[1]["key"] = train[1]["key"], train[0]["key"]
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(table)), table)
-    (root / "data/derived/latents" / train[2]["file"]).write_bytes(b"not a safetensors file")
+    replace_item(root / "data/derived/latents", train[2]["key"], b"not a safetensors file")
     with caplog.at_level(logging.WARNING, logger="niche.train_lora"):
         trainer = LoraTrainer(params(steps=2), root=root)
     # Both swapped samples and the unreadable one are left out, each named with its reason; the rest trains.
@@ -162,7 +164,7 @@ def test_a_latent_paired_with_another_samples_row_is_left_out_and_the_rest_train
     # At read time too (a file changed under a running job), a latent is never used for another sample.
     from tasks.latents import LatentMismatch, read_latent
     with pytest.raises(LatentMismatch, match=train[1]["id"]):
-        read_latent(root / "data/derived/latents" / train[0]["file"], train[0]["id"])
+        read_latent(ItemRef(str(root / "data/derived/latents"), ".safetensors", train[0]["key"]), train[0]["id"])
 
 
 def test_negative_lora_on_the_rejects_and_a_sweep_that_applies_it(root):

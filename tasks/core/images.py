@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -107,15 +106,17 @@ class BucketedImage:
     height: int
 
 
-def read_bucketed(path: Path, width: int, height: int) -> BucketedImage:
-    """On the driver: the file's bytes, or an ItemError naming it."""
+def read_bucketed(store, key: str, width: int, height: int) -> BucketedImage:
+    """On the driver: the item's bytes from the bucket stage's Store, or an ItemError naming it."""
     from tasks.core.stage import ItemError
+    from tasks.core.store import StoreError
 
+    path = f"{store.root}/{store.relpath(key)}"
     try:
-        return BucketedImage(str(path), path.read_bytes(), width, height)
+        return BucketedImage(path, store.read_bytes(key), width, height)
     except FileNotFoundError:
         raise ItemError(f"bucketed image {path} is missing; run the bucket stage again") from None
-    except OSError as e:
+    except (OSError, StoreError) as e:
         raise ItemError(f"bucketed image {path} is unreadable ({e}); run the bucket stage again") from None
 
 

@@ -74,16 +74,19 @@ def run_items(
             return item_id, f"{type(e).__name__}: {e}"
 
     bar = tqdm(total=len(todo), desc=stage, unit="item", disable=None, leave=False)
-    with (executor or executor_for("items", workers)) as ex:
-        for item_id, err in ex.map(one, todo):
-            if err is None:
-                report.computed += 1
-            else:
-                report.failed += 1
-                report.failures[item_id] = err
-                log.warning("%s: %s failed: %s", stage, item_id, err)
-            bar.update(1)
-    bar.close()
+    try:
+        with (executor or executor_for("items", workers)) as ex:
+            for item_id, err in ex.map(one, todo):
+                if err is None:
+                    report.computed += 1
+                else:
+                    report.failed += 1
+                    report.failures[item_id] = err
+                    log.warning("%s: %s failed: %s", stage, item_id, err)
+                bar.update(1)
+    finally:  # what was computed is visible to every reader, even when the loop stopped
+        bar.close()
+        store.finish()
     return _finish(report, len(todo), t0)
 
 
@@ -128,6 +131,7 @@ def run_model(
     todo = [(i, k) for i, k in work if not store.has(k)]
     report.reused = len(work) - len(todo)
     if not todo:  # a fully cached run never loads a model nor joins a cluster
+        store.finish()  # (a store from before packs is packed)
         return _finish(report, 0, t0)
     groups: dict[object, list[tuple[str, str]]] = {}
     for pair in todo:
@@ -156,16 +160,19 @@ def run_model(
     bar = tqdm(total=len(todo), desc=stage, unit="item", disable=None, leave=False)
     t_run = time.perf_counter()
     # The stage opened the executor (`with`) and closes it: leaving a cluster is not compute time.
-    for b, results in ex.run(worker, len(batches), inputs_of):
-        for (item_id, key), r in zip(sent.pop(b), results):
-            if isinstance(r, Failed):
-                _settle_one(stage, report, item_id, r.reason)
-            else:
-                store.write_bytes(key, r)
-                report.computed += 1
-        bar.update(len(batches[b]))
+    try:
+        for b, results in ex.run(worker, len(batches), inputs_of):
+            for (item_id, key), r in zip(sent.pop(b), results):
+                if isinstance(r, Failed):
+                    _settle_one(stage, report, item_id, r.reason)
+                else:
+                    store.write_bytes(key, r)
+                    report.computed += 1
+            bar.update(len(batches[b]))
+    finally:  # what was computed is visible to every reader, even when the loop stopped
+        bar.close()
+        store.finish()
     took = time.perf_counter() - t_run
-    bar.close()
     busy = took - getattr(ex, "setup_s", 0.0)  # without loading the model / starting the actors
     log.info("%s: %d computed, %d failed in %.1f s (%.2f items/s; %.2f items/s once the model was up) on %s",
              stage, report.computed, report.failed, took, report.computed / took if took > 0 else 0.0,

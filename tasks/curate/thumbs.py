@@ -36,7 +36,7 @@ def thumb_of(png: Path) -> Path:
 def ensure_thumbs(store_dir: Path, keys: Iterable[str], ext: str = ".png") -> int:
     """Write the missing thumbnails of `keys` (renders in `store_dir`); returns how many. A
     thumbnail is a function of its render's bytes, so one written is never rewritten."""
-    renders, thumbs = Store(store_dir, ext), Store(store_dir, THUMB_EXT)
+    renders, thumbs = Store(store_dir, ext, layout="loose"), Store(store_dir, THUMB_EXT, layout="loose")
     n = 0
     for key in keys:
         if not thumbs.has(key) and renders.has(key):

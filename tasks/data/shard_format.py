@@ -26,14 +26,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tasks.core.store import atomic_write, sha256_file
+from tasks.core.store import ItemRef, atomic_write, sha256_file, tensors_from_bytes
 
 FORMAT = 1  # bump when the bytes written for the same inputs would change
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -64,11 +63,11 @@ class Sample:
     t5_dim: int
     dino_dim: int
     grid: tuple[int, int]  # DINOv3 patch rows, columns = (H/16, W/16)
-    image_path: str
+    image: ItemRef       # the bucketed PNG
     image_bytes: int
-    text_path: str
-    image_item_path: str
-    pose_path: str
+    text: ItemRef        # T5 hidden states
+    dino: ItemRef        # DINOv3 CLS and patches
+    pose: ItemRef
     keys: tuple[tuple[str, str], ...]  # (stage, item key) of every upstream item
 
 
@@ -126,25 +125,22 @@ def member_sizes(s: Sample, patch_pool: int, patch_dtype: str) -> dict[str, int]
 
 # ---------------------------------------------------------------- items
 
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header, without reading the arrays; refuses a truncated file."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 2 <= n <= 1 << 24:
-            raise ValueError("not a safetensors file")
-        head = json.loads(f.read(n))
-        size = os.fstat(f.fileno()).st_size
-    head.pop("__metadata__", None)
-    if size < 8 + n + max((v["data_offsets"][1] for v in head.values()), default=0):
+def tensor_shapes(item: ItemRef) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the arrays; refuses a truncated item."""
+    store = item.store()
+    head = store.head(item.key, 8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 2 <= n <= 1 << 24:
+        raise ValueError("not a safetensors file")
+    header = json.loads(store.head(item.key, 8 + n)[8:])
+    header.pop("__metadata__", None)
+    if store.size(item.key) < 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0):
         raise ValueError("truncated")
-    return {k: tuple(v["shape"]) for k, v in head.items()}
+    return {k: tuple(v["shape"]) for k, v in header.items()}
 
 
-def read_arrays(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+def read_arrays(item: ItemRef) -> dict[str, np.ndarray]:
+    return tensors_from_bytes(item.read(), str(item))[0]
 
 
 # ---------------------------------------------------------------- DINOv3 patches
@@ -221,9 +217,8 @@ def write_tar(path: Path, shard, patch_pool: int, patch_dtype: str) -> str:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s, offset, sizes in zip(shard.samples, shard.offsets, shard.sizes):
-                arrays = {**read_arrays(Path(s.text_path)), **read_arrays(Path(s.image_item_path)),
-                          **read_arrays(Path(s.pose_path))}
-                members = encode(s, arrays, Path(s.image_path).read_bytes(), patch_pool, patch_dtype)
+                arrays = {**read_arrays(s.text), **read_arrays(s.dino), **read_arrays(s.pose)}
+                members = encode(s, arrays, s.image.read(), patch_pool, patch_dtype)
                 got = {name.split(".", 1)[1]: len(data) for name, data in members}
                 if f.tell() != offset or got != sizes:
                     raise RuntimeError(f"{shard.path}: sample {s.id} is not what was planned (member bytes "

@@ -24,6 +24,7 @@ import torch
 
 from models.sdxl.objective import time_ids
 from tasks.latents import STORE as LATENTS_STORE
+from tasks.core.store import ItemRef, StoreError, read_metadata
 from tasks.latents import read_latent
 
 log = logging.getLogger("niche.train_lora")
@@ -40,7 +41,7 @@ class NoSamples(ValueError):
 @dataclass(frozen=True)
 class Row:
     id: str
-    file: Path
+    latent: ItemRef
     bucket: str
     size: tuple[int, int]  # (width, height) of the encoded image
     prompt: str
@@ -76,13 +77,14 @@ def load_rows(root: Path, p) -> list[Row]:
         if p.prompt is None and not captions.get(r["id"]):
             left_out[r["id"]] = "no caption (the caption stage failed or skipped it)"
             continue
-        why = _check_latent(root / LATENTS_STORE / r["file"], r["id"])
+        latent = ItemRef(str(root / LATENTS_STORE), ".safetensors", r["key"])
+        why = _check_latent(latent, r["id"])
         if why:
             left_out[r["id"]] = why
             continue
         ids = time_ids((r["orig_height"], r["orig_width"]), (r["crop_top"], r["crop_left"]),
                        (r["height"], r["width"]))
-        rows.append(Row(r["id"], root / LATENTS_STORE / r["file"], r["bucket"], (r["width"], r["height"]),
+        rows.append(Row(r["id"], latent, r["bucket"], (r["width"], r["height"]),
                         p.prompt_for(captions.get(r["id"])), tuple(ids), tags.get(r["id"], ())))
     for item, why in sorted(left_out.items()):
         log.warning("%s: sample %s left out: %s", p.SECTION, item, why)
@@ -92,19 +94,16 @@ def load_rows(root: Path, p) -> list[Row]:
     return rows
 
 
-def _check_latent(path: Path, item_id: str) -> str | None:
+def _check_latent(item: ItemRef, item_id: str) -> str | None:
     """Why the latent cannot be used (missing, unreadable, another sample's), or None. Only the
-    header is read: checking 70,000 files costs seconds, and a bad one is left out up front
+    header is read: checking 70,000 items costs seconds, and a bad one is left out up front
     instead of stopping the run hours in."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            got = (f.metadata() or {}).get("id")
-    except (OSError, ValueError, SafetensorError) as e:
-        return f"latent {path} unreadable ({e}); run the latents stage again"
+        got = read_metadata(item.store(), item.key).get("id")
+    except (OSError, ValueError, StoreError) as e:
+        return f"latent {item} unreadable ({e}); run the latents stage again"
     if got != item_id:
-        return f"latent {path} belongs to sample {got}, not to this one: run the latents stage again"
+        return f"latent {item} belongs to sample {got}, not to this one: run the latents stage again"
     return None
 
 
@@ -167,7 +166,7 @@ def load_latents(batch: list[Row], scaling_factor: float, sample: bool, g: torch
     """(B, 4, h, w) scaled latents: the posterior's mean, or a draw from it."""
     out = []
     for r in batch:
-        item = read_latent(r.file, expect_id=r.id)
+        item = read_latent(r.latent, expect_id=r.id)
         mean, std = torch.as_tensor(item["mean"]).float(), torch.as_tensor(item["std"]).float()
         x = mean + std * torch.randn(mean.shape, generator=g) if sample else mean
         out.append(x * scaling_factor)
