@@ -2,6 +2,7 @@
 one file each: tasks/core/store.py)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from tasks.core.store import Store
@@ -39,3 +40,15 @@ def replace_item(root: str | Path, key: str, data: bytes, ext: str | None = None
 
 def remove_item(root: str | Path, key: str, ext: str | None = None) -> None:
     _without(store_of(root, ext), key)
+
+
+def unpack_to_the_old_layout(root: Path, ext: str) -> dict[str, bytes]:
+    """Turn a packed store into what every store was before packs: `ab/<key><ext>` files, no packs."""
+    packed = Store(root, ext)
+    items = {k: packed.read_bytes(k) for k in packed.keys()}
+    packed.close()
+    shutil.rmtree(root / "packs")
+    old = Store(root, ext, layout="loose")
+    for k, data in items.items():
+        old.write_bytes(k, data)
+    return items

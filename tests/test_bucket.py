@@ -16,7 +16,7 @@ from tasks.bucket import DEFAULT_BUCKETS, BucketParams, bucket, cover_crop, near
 from tasks.ingest import IngestParams, ingest
 from tasks.sample.__main__ import make_sample
 from tasks.core.store import Store
-from tests.storekit import item_bytes
+from tests.storekit import item_bytes, unpack_to_the_old_layout
 
 M = Path("data/manifest")
 STORE = Path("data/derived/bucket")
@@ -142,6 +142,24 @@ def test_sigkill_midway_then_rerun_finishes_and_reuses(ingested):
     assert rerun.reused == done and rerun.computed == total - done and rerun.failed == 0
     assert not list(STORE.rglob("*.tmp"))
     assert len(_rows()) == total
+
+
+def test_a_store_of_the_old_layout_is_used_as_it_is_and_packed_without_recomputing(ingested, monkeypatch):
+    first = bucket(BucketParams(), workers=2)
+    items = unpack_to_the_old_layout(STORE, ".png")
+    assert len(list(STORE.glob("??/*.png"))) == first.computed and not (STORE / "packs").exists()
+
+    import tasks.bucket as stage
+
+    def no_work(*a, **k):
+        raise AssertionError("an item of the old store was computed again")
+
+    monkeypatch.setattr(stage, "bucket_png", no_work)
+    again = bucket(BucketParams(), workers=2)
+    assert (again.computed, again.reused, again.failed) == (0, first.total, 0)
+    assert not list(STORE.glob("??/*.png"))  # moved into packs at the end of the run
+    packed = Store(STORE, ".png")
+    assert {k: packed.read_bytes(k) for k in packed.keys()} == items
 
 
 def test_crop_box_never_leaves_the_image_through_float_error():

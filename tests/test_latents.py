@@ -20,7 +20,7 @@ from tasks.bucket import BucketParams
 from tasks.latents import LatentMismatch, LatentsParams, encoded_size, latents, read_latent
 from tasks.core.params import ParamsError, from_dict
 from tasks.core.store import ItemRef, Store
-from tests.storekit import item_bytes, replace_item, store_of
+from tests.storekit import item_bytes, replace_item, store_of, unpack_to_the_old_layout
 from tests.conftest import BIN, bucketed_sample, run
 
 M = Path("data/manifest")
@@ -137,6 +137,20 @@ def test_rerun_reuses_and_dtype_or_scale_recompute(bucketed, vae_dir, monkeypatc
     back = latents(params(vae_dir), workers=2)  # the store persists: going back costs nothing
     assert (back.computed, back.reused) == (0, 6)
     assert {r["id"]: r["key"] for r in rows()} == fp32
+
+
+def test_a_latents_store_of_the_old_layout_is_used_without_loading_the_vae(bucketed, vae_dir, monkeypatch):
+    first = latents(params(vae_dir), workers=2)
+    items = unpack_to_the_old_layout(stage.STORE, ".safetensors")
+
+    def not_loaded(*a, **k):
+        raise AssertionError("the VAE was loaded although the old store holds every item")
+
+    monkeypatch.setattr(stage.sdxl, "load_vae", not_loaded)
+    again = latents(params(vae_dir), workers=2)
+    assert (again.computed, again.reused) == (0, first.computed)
+    assert not list(stage.STORE.glob("??/*")) and Store(stage.STORE, ".safetensors").keys() == set(items)
+    assert all(read_latent(latent(r["key"]), r["id"])["meta"]["id"] == r["id"] for r in rows())
 
 
 def test_bad_items_fail_alone_and_splits_filter(bucketed, vae_dir):
