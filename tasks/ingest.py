@@ -37,12 +37,14 @@ from tasks.core.images import ImageRejected, decode
 from tasks.core.runner import run_items
 from tasks.core.sources import abs_path, inside, scan
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import Store, item_key
+from tasks.core.store import Store, atomic_write, item_key
 
 log = logging.getLogger("niche.ingest")
 
 VERSION = 1  # bump when the probe's output changes meaning
 STORE = Path("data/derived/ingest")
+# In STORE (a local cache, not a DVC out): each raw file's stat and sha256 from the last run.
+IDS_FILE = "content-ids.parquet"
 # Reasons of entries DVC cannot hash unless rawfs's walk is installed.
 _NOT_FILES = {rawfs.BROKEN_SYMLINK, rawfs.SYMLINK_LOOP, rawfs.NOT_A_FILE, rawfs.NAME_NOT_UTF8, rawfs.UNREADABLE}
 
@@ -110,18 +112,50 @@ def _read(path: Path) -> bytes:
         raise ImageRejected(rawfs.UNREADABLE, f"cannot read it: {e}") from None
 
 
-def _content_id(path: Path) -> tuple[str, int]:
-    """(sha256, size) of a regular file, read once through one descriptor."""
+def _content_id(path: Path, known: dict[str, tuple], seen: dict[str, tuple]) -> tuple[str, int]:
+    """(sha256, size) of a regular file, read once through one descriptor, or taken from `known`
+    (the last run's ids) when its size, mtime, ctime and inode are the same: adding 10 images to
+    70,000 then reads 10 files, not 70,000 (the trust DVC's own state database puts in a stat).
+    Records what it found in `seen`."""
     try:
         with rawfs.open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size == 0:
                 raise ImageRejected("empty", "zero-byte file")
-            return hashlib.file_digest(f, "sha256").hexdigest(), size
+            stamp = (size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            hit = known.get(str(path))
+            digest = hit[1] if hit is not None and hit[0] == stamp else hashlib.file_digest(f, "sha256").hexdigest()
+            seen[str(path)] = (stamp, digest)
+            return digest, size
     except rawfs.Unusable as e:
         raise ImageRejected(e.code, e.detail) from None
     except OSError as e:
         raise ImageRejected(rawfs.UNREADABLE, f"cannot read it: {e}") from None
+
+
+def _read_ids(path: Path) -> dict[str, tuple]:
+    """{path: ((size, mtime_ns, ctime_ns, inode), sha256)} from the last run; {} when unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path).to_pydict()
+        return {p: ((s, m, c, i), d) for p, s, m, c, i, d in
+                zip(t["path"], t["size"], t["mtime_ns"], t["ctime_ns"], t["inode"], t["sha256"])}
+    except Exception:  # noqa: BLE001 — missing or damaged: every file is hashed, as on a first run
+        return {}
+
+
+def _write_ids(path: Path, seen: dict[str, tuple]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = sorted(seen)
+    cols = list(zip(*(seen[n][0] for n in names))) if names else [(), (), (), ()]
+    table = pa.table({"path": names, "size": pa.array(cols[0], pa.int64()), "mtime_ns": pa.array(cols[1], pa.int64()),
+                      "ctime_ns": pa.array(cols[2], pa.int64()), "inode": pa.array(cols[3], pa.uint64()),
+                      "sha256": [seen[n][1] for n in names]})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def _read_caption(path: Path) -> str:
@@ -168,11 +202,12 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
     # min_side is applied to the recorded size below, so changing it re-probes nothing.
     probe_params = {"max_pixels": p.max_pixels}
 
-    # Hash every candidate; an unreadable, empty or vanished file is quarantined here.
-    by_path = {}
+    # Hash every candidate (or take its id from the last run); an unreadable, empty or vanished
+    # file is quarantined here.
+    by_path, known, seen = {}, _read_ids(store_dir / IDS_FILE), {}
     for c in candidates:
         try:
-            c["id"], c["bytes"] = _content_id(c["file"])
+            c["id"], c["bytes"] = _content_id(c["file"], known, seen)
         except ImageRejected as e:
             quarantine.append(dict(path=c["path"], reason=e.code, detail=e.detail, id=None))
             continue
@@ -210,7 +245,9 @@ def ingest(p: IngestParams, out_dir: Path = manifest.MANIFEST_DIR, store_dir: Pa
     report = run_items("ingest", [(paths[0], key) for key, paths in names.items()], store, probe, workers)
     for name, (code, detail) in sorted(lost.items()):
         quarantine.append(dict(path=name, reason=code, detail=detail, id=None))
+        seen.pop(str(by_path[name]["file"]), None)
         del by_path[name]
+    _write_ids(store_dir / IDS_FILE, seen)
 
     # Group identical content; the first path in sorted order is the sample,
     # the first approved one when the same bytes are also approved: the curator
