@@ -114,6 +114,7 @@ class PackWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.entries: dict[str, Entry] = {}
+        self.pid = os.getpid()  # a forked child inherits this object, never the right to seal it
         if path is None:  # a new open pack
             self.path = self.folder / f"{OPEN_PREFIX}{uuid.uuid4().hex}{OPEN_SUFFIX}"
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)

@@ -295,6 +295,8 @@ class Store:
                 return None
             writer, self._writer = self._writer, None
             _OPEN.discard(self)
+            if writer.pid != os.getpid():  # a forked child's copy: the parent seals it
+                return None
             open_name = writer.path.name
             sealed = writer.seal()
             if sealed is not None and self._where is not None:
