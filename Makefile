@@ -36,8 +36,9 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt constraints.txt py
 
 # Every DVC of the venv (the command and Repo() in the flows) skips entries of data/raw that
 # are not readable regular files (FIFOs, sockets, dangling links...): tasks/core/rawfs.py; and
-# leaves the per-sample stores linked to its cache when their stage re-runs: tasks/core/storelinks.py.
-$(RAWFS_PTH): $(VENV)/.installed tasks/core/rawfs.py tasks/core/storelinks.py tasks/core/importhook.py
+# leaves the per-sample stores linked to its cache when their stage re-runs: tasks/core/storelinks.py;
+# and does not re-hash a folder dependency that did not change: tasks/core/dirstat.py.
+$(RAWFS_PTH): $(VENV)/.installed tasks/core/rawfs.py tasks/core/storelinks.py tasks/core/dirstat.py tasks/core/importhook.py
 	$(BIN)/python -m tasks.core.rawfs install
 
 # The whole job on the tiny profile: sample data -> build-dataset -> train (NanoDiT) ->

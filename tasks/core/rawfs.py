@@ -236,7 +236,7 @@ def pth_line() -> str:
 def write_pth(site_dir: str | None = None) -> str:
     import sysconfig
 
-    from tasks.core import storelinks  # (not at the top: this file is loaded by path at start-up)
+    from tasks.core import dirstat, storelinks  # (not at the top: this file is loaded by path at start-up)
 
     site_dir = site_dir or sysconfig.get_paths()["purelib"]
     path = os.path.join(site_dir, PTH_NAME)
@@ -247,6 +247,8 @@ def write_pth(site_dir: str | None = None) -> str:
         f.write(pth_line())
         f.write("# ...and leaves Niche's stores linked to its cache when their stage re-runs: tasks/core/storelinks.py.\n")
         f.write(storelinks.pth_line())
+        f.write("# ...and does not re-hash a folder dependency that did not change: tasks/core/dirstat.py.\n")
+        f.write(dirstat.pth_line())
     os.replace(tmp, path)
     return path
 
@@ -263,12 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     install_hint = f"run `make venv` or `{sys.executable} -m tasks.core.rawfs install`"
     if not active():
         sys.exit(f"DVC in {sys.prefix} would stop on odd entries in data/raw (no {PTH_NAME}): {install_hint}")
-    from tasks.core import storelinks
+    from tasks.core import dirstat, storelinks
 
-    if (why := storelinks.problem()) is not None:
-        sys.exit(why)
+    for why in (storelinks.problem(), dirstat.problem()):
+        if why is not None:
+            sys.exit(why)
     print(f"ok: DVC in {sys.prefix} skips entries that are not readable regular files")
     print(f"ok: DVC in {sys.prefix} leaves stores ({storelinks.MARKER}) linked to the cache when their stage re-runs")
+    print(f"ok: DVC in {sys.prefix} does not re-hash a folder dependency that did not change ({dirstat.CACHE_NAME})")
 
 
 if __name__ == "__main__":
