@@ -51,6 +51,10 @@ the same state keys and compute the same tree. The one hole is the one DVC's sta
 has too: a file rewritten with the same size within one tick of the file system's clock
 after it was listed keeps its stat.
 
+Long on purpose: a cache hit must be exactly DVC's own result, and every case that can make it
+differ (ignore rules, odd entries, permissions, a folder changing while DVC reads it) is
+handled here, in one place a reader can check.
+
 `NICHE_DIRSTAT=0` in the environment turns the fast path off (DVC's own code for every
 folder, nothing read or written in the cache): what the tests compare against.
 
