@@ -137,6 +137,7 @@ class Store:
         self._fds: dict[str, int] = {}
         self._writer: packs.PackWriter | None = None
         self._loose_dirs: bool | None = None
+        self._damaged: set[str] = set()         # packs whose footer cannot be read
 
     # -- names -----------------------------------------------------------------------------
     @property
@@ -160,8 +161,17 @@ class Store:
                 for gone in set(self._packs) - names:  # removed by compaction or gc elsewhere
                     self._packs.pop(gone)
                     where = {k: v for k, v in where.items() if v[0] != gone}
-                for name in sorted(names - set(self._packs)):
-                    index = packs.read_index(self.packs_dir / name)
+                for name in sorted(names - set(self._packs) - self._damaged):
+                    try:
+                        index = packs.read_index(self.packs_dir / name)
+                    except (packs.PackError, ValueError, OSError) as e:
+                        # Its items count as missing and are computed again, into a new pack; the
+                        # damaged file is left where it is for a person to look at (gc does not
+                        # touch it either).
+                        log.error("%s: pack %s is unreadable (%s); its items will be computed again",
+                                  self.root, name, e)
+                        self._damaged.add(name)
+                        continue
                     self._packs[name] = len(index)
                     for key, entry in index.items():
                         where.setdefault(key, (name, entry))
@@ -206,13 +216,13 @@ class Store:
                 hit = self._index(refresh).get(key)
                 if hit is None:
                     continue
-                with self._lock:
-                    try:
+                try:
+                    with self._lock:  # (so that a merge in this process cannot close the fd under the read)
                         return packs.read_item(self._fd(hit[0]), hit[1], f"{self.packs_dir / hit[0]}", key)
-                    except FileNotFoundError:
-                        continue
-                    except packs.PackError as e:
-                        raise StoreError(str(e)) from None
+                except FileNotFoundError:
+                    continue
+                except packs.PackError as e:
+                    raise StoreError(str(e)) from None
         try:
             return self.path(key).read_bytes()
         except FileNotFoundError:
