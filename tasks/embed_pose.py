@@ -204,14 +204,19 @@ def embed_pose(p: EmbedPoseParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir
     report.failures.update(upstream)
 
     counts = {"no_person": 0, "one_person": 0, "several_people": 0}
+    known = manifest.previous(out_dir / "embed_pose.parquet", ["n_people", "det_score", "pose_conf"])
     for row in rows:
         if row["id"] in report.failures:
             row.update(key=None, file=None, error=report.failures[row["id"]])
             continue
-        tensors, meta = read_tensors(store, row["key"])
-        n = int(tensors["n_people"])
-        row.update(n_people=n, det_score=float(meta["det_score"]) if n else None,
-                   pose_conf=float(meta["pose_conf"]) if n else None)
+        if (old := known.get(row["key"])) is not None and old["n_people"] is not None:
+            row.update(n_people=old["n_people"], det_score=old["det_score"], pose_conf=old["pose_conf"])
+        else:
+            tensors, meta = read_tensors(store, row["key"])
+            n = int(tensors["n_people"])
+            row.update(n_people=n, det_score=float(meta["det_score"]) if n else None,
+                       pose_conf=float(meta["pose_conf"]) if n else None)
+        n = row["n_people"]
         counts["no_person" if n == 0 else "one_person" if n == 1 else "several_people"] += 1
     manifest.write_table(rows, SCHEMA, out_dir / "embed_pose.parquet", sort_by="id")
     if counts["no_person"]:

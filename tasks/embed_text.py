@@ -173,6 +173,7 @@ def _embed(p: EmbedTextParams, captions: list[dict], resolved: ResolvedModel, ex
     failures = dict(upstream)
     failed_keys = {key_of[i]: e for i, e in report.failures.items()}
     n_truncated = 0
+    known = manifest.previous(out_dir / "embed_text.parquet", ["length", "truncated"])
     for r in rows:
         if r["id"] in failures:
             r["error"] = failures[r["id"]]
@@ -180,7 +181,9 @@ def _embed(p: EmbedTextParams, captions: list[dict], resolved: ResolvedModel, ex
             r.update(key=None, file=None, error=failed_keys[r["key"]])
             failures[r["id"]] = r["error"]
         else:
-            r["length"], r["truncated"] = read_item_info(store, r["key"])
+            old = known.get(r["key"])
+            r["length"], r["truncated"] = ((old["length"], old["truncated"]) if old is not None
+                                           else read_item_info(store, r["key"]))
             n_truncated += r["truncated"]
     manifest.write_table(rows, SCHEMA, out_dir / "embed_text.parquet", sort_by="id")
     if n_truncated:

@@ -42,7 +42,7 @@ from tasks.data import shard_format as fmt
 from tasks.bucket import STORE as BUCKET_STORE
 from tasks.core.executors import default_workers
 from tasks.core.stage import Report, stage_main
-from tasks.core.store import TMP_SUFFIX
+from tasks.core.store import TMP_SUFFIX, mark_write_once
 
 log = logging.getLogger("niche.shard")
 
@@ -250,6 +250,9 @@ def shard(p: ShardParams, in_dir: Path = manifest.MANIFEST_DIR, out_dir: Path = 
 
     for tmp in out_dir.rglob(f".*{TMP_SUFFIX}") if out_dir.is_dir() else []:
         tmp.unlink(missing_ok=True)  # left by a killed run; never visible as a shard
+    # Every tar and table here is written to a temporary file and renamed, never written into:
+    # DVC need not copy the shards (5.9 GB at 70,000 small images) before this stage re-runs.
+    mark_write_once(out_dir)
     prev_path = out_dir / "shards.parquet"
     prev = {r["shard"]: r for r in pq.read_table(prev_path).to_pylist()} if prev_path.is_file() else {}
     shard_rows, todo = {}, []

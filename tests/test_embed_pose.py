@@ -114,6 +114,21 @@ def test_stage_end_to_end(bucketed, tiny, caplog):
 
     # Back to the first threshold: the earlier items are still there.
     assert embed_pose(_params(tiny), workers=2).reused == 3
+    # Again: the counts come from the last table (a key names one content), no item is read back.
+    table = Path("data/manifest/embed_pose.parquet")
+    before = table.read_bytes()
+
+    def not_read(*a, **k):
+        raise AssertionError("an item was read back although the last table holds its key")
+
+    import tasks.embed_pose as stage
+
+    real, stage.read_tensors = stage.read_tensors, not_read
+    try:
+        assert embed_pose(_params(tiny), workers=2).reused == 3
+    finally:
+        stage.read_tensors = real
+    assert table.read_bytes() == before
 
 
 def test_bad_inputs_are_listed_and_the_rest_goes_on(bucketed, tiny):

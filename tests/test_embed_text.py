@@ -140,15 +140,30 @@ def test_editing_one_caption_reencodes_one_item(captioned, tiny_t5, monkeypatch)
         def __init__(self, *a, **k):
             raise AssertionError("the model was loaded although every item was cached")
 
+    table = Path("data/manifest/embed_text.parquet")
+    first = table.read_bytes()
+    read_back = []
+    real_info = stage.read_item_info
+
+    def counted(store, key):
+        read_back.append(key)
+        return real_info(store, key)
+
     with monkeypatch.context() as m:
         m.setattr(stage.t5, "T5Encoder", NotLoaded)
+        m.setattr(stage, "read_item_info", counted)
         again = embed_text(p, workers=2)
     assert (again.computed, again.reused) == (0, 6)
+    # The lengths come from the last table (a key names one content): no item is read back.
+    assert read_back == [] and table.read_bytes() == first
 
     captioned[2]["text"] += ", in bright light"
     write_captions(captioned)
-    report = embed_text(p, workers=2)
+    with monkeypatch.context() as m:
+        m.setattr(stage, "read_item_info", counted)
+        report = embed_text(p, workers=2)
     assert (report.computed, report.reused, report.failed) == (1, 5, 0)
+    assert read_back == [next(r["key"] for r in manifest_rows() if r["id"] == captioned[2]["id"])]
     after = {r["id"]: r["key"] for r in manifest_rows()}
     assert [i for i in before if before[i] != after[i]] == [captioned[2]["id"]]
 

@@ -206,6 +206,11 @@ def test_rerun_rewrites_nothing_and_a_new_sample_rewrites_one_shard(data, tiny_m
     assert again.extra["shards"] == {**first.extra["shards"], "written": 0, "unchanged": len(before)}
     assert (again.computed, again.reused) == (0, 8)
     assert tars() == before  # same bytes, same mtimes: not rewritten
+    # Written once, replaced never written into: DVC leaves the tars linked to its cache when the
+    # stage re-runs instead of copying them all (tasks/core/storelinks.py).
+    from tasks.core.store import STORE_MARKER, STORE_MARKER_TEXT
+
+    assert (Path("data/shards") / STORE_MARKER).read_text() == STORE_MARKER_TEXT
 
     old = index()
     write_particle_dataset(Path("data/raw/figures"), 1, seed=0, start=8)

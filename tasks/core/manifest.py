@@ -62,6 +62,18 @@ def write_table(rows: list[dict], schema: pa.Schema, path: Path, sort_by: str) -
     return path
 
 
+def previous(path: Path, columns: list[str]) -> dict[str, dict]:
+    """{key: row} (`columns` only) of the table a stage wrote last time, for its rows with a key;
+    {} when there is none or it cannot be read. A key names one content, so what a stage derives
+    from an item alone (a token count, a number of people) holds for that key whichever run
+    computed it: a re-run after adding 10 images reads back 10 items, not 70,000."""
+    try:
+        t = pq.read_table(path, columns=["key", *columns]).to_pylist()
+    except Exception:  # noqa: BLE001 — no table, an older schema: every item is read back
+        return {}
+    return {r["key"]: r for r in t if r["key"] is not None}
+
+
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing — run the stage that writes it first")

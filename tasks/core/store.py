@@ -41,7 +41,7 @@ COMPACT_AT, COMPACT_FRACTION = 8, 4
 # At a Store's root, written before its first item: DVC need not copy the store's files before
 # its stage re-runs (tasks/core/storelinks.py reads it; same name there).
 STORE_MARKER = ".niche-store"
-STORE_MARKER_TEXT = ("Niche per-sample store (tasks/core/store.py): write-once and content-addressed.\n"
+STORE_MARKER_TEXT = ("Written by Niche (tasks/core/store.py: a per-sample store, or shards): write-once.\n"
                      "Files are replaced (new temporary file + os.replace), never written into,\n"
                      "so DVC need not unprotect (copy) them before the stage re-runs.\n")
 
@@ -99,6 +99,20 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def mark_write_once(folder: Path) -> None:
+    """Put STORE_MARKER in `folder` (atomically, unless it is there already): the files there are
+    replaced, never written into, so DVC need not copy them before their stage re-runs
+    (tasks/core/storelinks.py). For a Store's root, and for any out a stage writes the same way
+    (data/shards: every tar and table written to a temporary file and renamed)."""
+    marker = Path(folder) / STORE_MARKER
+    try:
+        present = marker.read_text(encoding="utf-8") == STORE_MARKER_TEXT
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        present = False
+    if not present:  # left alone when right: it may be a DVC cache object (a hardlink)
+        atomic_write(marker, lambda t: t.write_text(STORE_MARKER_TEXT, encoding="utf-8"))
 
 
 class StoreError(Exception):
@@ -260,16 +274,9 @@ class Store:
     # -- writing ---------------------------------------------------------------------------
     def mark(self) -> None:
         """Write STORE_MARKER at the root (atomically, unless it is there already), once per instance."""
-        if self._marked:
-            return
-        marker = self.root / STORE_MARKER
-        try:
-            present = marker.read_text(encoding="utf-8") == STORE_MARKER_TEXT
-        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
-            present = False
-        if not present:  # left alone when right: it may be a DVC cache object (a hardlink)
-            atomic_write(marker, lambda t: t.write_text(STORE_MARKER_TEXT, encoding="utf-8"))
-        self._marked = True
+        if not self._marked:
+            mark_write_once(self.root)
+            self._marked = True
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Store one item. A key already held is left as it is: a key names one content."""
