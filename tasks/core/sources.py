@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from pathlib import Path
 
 from models.hub import SetupError
@@ -20,7 +21,7 @@ log = logging.getLogger("niche.ingest")
 
 
 def _walk(root: Path, ignore: tuple[str, ...]):
-    """Yield (path, kind, detail) for every entry under `root` not ignored, in sorted order.
+    """Yield (path, kind, detail, is a symlink) for every entry under `root` not ignored, in sorted order.
 
     kind is rawfs.FILE, rawfs.DIR (only for symlinked folders: they are not descended,
     against cycles and escapes, but checked like symlinked files so one pointing outside
@@ -28,27 +29,35 @@ def _walk(root: Path, ignore: tuple[str, ...]):
     cannot be listed is yielded as `unreadable`; one whose name is not UTF-8 as
     `name_not_utf8`, not descended (nothing under it could be named in the manifest).
     """
+    ignored = re.compile("|".join(fnmatch.translate(pat) for pat in ignore)) if ignore else None
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             with os.scandir(folder) as it:
-                names = sorted(e.name for e in it)
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            yield folder, rawfs.UNREADABLE, f"cannot list the folder: {e.strerror}; nothing in it is read"
+            yield folder, rawfs.UNREADABLE, f"cannot list the folder: {e.strerror}; nothing in it is read", False
             continue
         subfolders = []
-        for name in names:
-            if any(fnmatch.fnmatch(name, pat) for pat in ignore):
+        for e in entries:
+            if ignored is not None and ignored.match(e.name):
                 continue
-            path = folder / name
+            path = folder / e.name
+            # The common case costs one access(2): the listing's d_type already says "a regular
+            # file, not a link" (70,000 images: 140,000 entries walked on every run). Anything
+            # else goes through rawfs's whole rule.
+            if e.is_file(follow_symlinks=False) and rawfs.utf8(e.name) and os.access(e.path, os.R_OK):
+                yield path, rawfs.FILE, "", False
+                continue
             kind, detail = rawfs.classify(path)
-            if kind == rawfs.DIR and not path.is_symlink():
+            link = e.is_symlink()
+            if kind == rawfs.DIR and not link:
                 subfolders.append(path)
                 continue
-            if kind == rawfs.NAME_NOT_UTF8 and os.path.isdir(path) and not path.is_symlink():
+            if kind == rawfs.NAME_NOT_UTF8 and os.path.isdir(path) and not link:
                 detail = "a folder whose name is not valid UTF-8: nothing in it is read; rename it"
-            yield path, kind, detail
+            yield path, kind, detail, link
         stack.extend(reversed(subfolders))
 
 
@@ -104,7 +113,7 @@ def mark_rejected(candidates: list[dict], p, folders: list[Path]) -> None:
     """Set c["rejected"] on every candidate: in a rejected folder, or listed."""
     in_folders = [abs_path(f) for f in folders]
     for c in candidates:
-        c["rejected"] = inside(abs_path(c["path"]), in_folders)
+        c["rejected"] = bool(in_folders) and inside(abs_path(c["path"]), in_folders)
     if p.rejected_list is None:
         return
     by_abs = {abs_path(c["path"]): c for c in candidates}
@@ -137,11 +146,11 @@ def scan(p) -> tuple[list[dict], list[dict]]:
     skip = abs_path(p.rejected_list) if p.rejected_list is not None else None
     candidates, bad, captions = [], [], {}
     for root in roots + outside:
-        for path, kind, detail in _walk(root, p.ignore):
+        for path, kind, detail, link in _walk(root, p.ignore):
             if skip is not None and abs_path(path) == skip:
                 continue
             rel = rawfs.display(path.as_posix())  # a name that is not UTF-8 shows its bytes as \xNN
-            if path.is_symlink():
+            if link:
                 # realpath, not resolve(): it never raises, not even on a loop.
                 target = Path(os.path.realpath(path))
                 if not inside(target, real_roots):

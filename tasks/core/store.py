@@ -142,6 +142,7 @@ class Store:
         if layout not in ("packed", "loose"):
             raise ValueError(f"Store layout {layout!r}: expected packed or loose")
         self.root = Path(root)
+        self.packs_dir = self.root / PACKS_DIR
         self.ext = ext if ext.startswith(".") else f".{ext}"
         self.layout, self.max_items, self.max_bytes = layout, max_items, max_bytes
         self._marked = False
@@ -154,9 +155,6 @@ class Store:
         self._damaged: set[str] = set()         # packs whose footer cannot be read
 
     # -- names -----------------------------------------------------------------------------
-    @property
-    def packs_dir(self) -> Path:
-        return self.root / PACKS_DIR
 
     def path(self, key: str) -> Path:
         """Where a loose item lives (the loose layout, or a store from before packs)."""
