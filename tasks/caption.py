@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.bucket import bucket_store
 from tasks.core import manifest
@@ -225,8 +226,10 @@ def _caption(p: CaptionParams, samples: list[dict], in_dir: Path, out_dir: Path,
     report.total = len(rows)
     report.failed += len(failed_before)
     report.failures.update(failed_before)
-    report.extra = _fill_rows(rows, store, report.failures, p)
-    manifest.write_table(rows, SCHEMA, out_dir / "caption.parquet", sort_by="id")
+    settings = _text_settings(p)
+    report.extra = _fill_rows(rows, store, report.failures, p, _known_texts(out_dir / "caption.parquet", settings))
+    manifest.write_table(rows, SCHEMA.with_metadata({SETTINGS_KEY: settings}), out_dir / "caption.parquet",
+                         sort_by="id")
     return report
 
 
@@ -241,25 +244,52 @@ def _merged(a: Report, b: Report) -> Report:
     return a
 
 
-def _fill_rows(rows: list[dict], store: Store, failures: dict[str, str], p: CaptionParams) -> dict:
-    """Final text and flags from the stored raw output (or the error); returns the counts."""
+# In caption.parquet's schema metadata: the settings that turn a raw caption into the table's
+# text and flags (applied late, so they are in no key). A table made with the same ones gives
+# each key's text and flags without reading its raw output again (70,000 repetition checks).
+SETTINGS_KEY = "niche.caption.text_settings"
+
+
+def _text_settings(p: CaptionParams) -> str:
+    return json.dumps({"trigger": p.trigger, "repetition_threshold": p.repetition_threshold,
+                       "normalize": "whitespace-v1"}, sort_keys=True)
+
+
+def _known_texts(table: Path, settings: str) -> dict[str, dict]:
+    try:
+        meta = pq.read_schema(table).metadata or {}
+    except Exception:  # noqa: BLE001 — no table yet, or unreadable: every raw output is read
+        return {}
+    if meta.get(SETTINGS_KEY.encode()) != settings.encode():
+        return {}
+    return manifest.previous(table, ["text", "flags"])
+
+
+def _fill_rows(rows: list[dict], store: Store, failures: dict[str, str], p: CaptionParams,
+               known: dict[str, dict] | None = None) -> dict:
+    """Final text and flags from the stored raw output (or the error; or, for a key `known` holds,
+    from the last table made with the same settings); returns the counts."""
     flagged = {FLAG_MAX_TOKENS: 0, FLAG_REPETITION: 0}
     n_flagged, words = 0, []
     for r in rows:
         if r["id"] in failures:
             r.update(key=None, error=failures[r["id"]])
             continue
-        raw = json.loads(store.read_bytes(r["key"]).decode("utf-8"))
         r["file"] = store.relpath(r["key"])
-        r["text"] = apply_trigger(normalize(raw["text"]), p.trigger)
-        r["flags"] = caption_flags(raw["text"], raw["ended"], p.repetition_threshold)
+        if (old := (known or {}).get(r["key"])) is not None and old["text"] is not None:
+            r["text"], r["flags"] = old["text"], list(old["flags"] or [])
+            raw = None
+        else:
+            raw = json.loads(store.read_bytes(r["key"]).decode("utf-8"))
+            r["text"] = apply_trigger(normalize(raw["text"]), p.trigger)
+            r["flags"] = caption_flags(raw["text"], raw["ended"], p.repetition_threshold)
         words.append(len(r["text"].split()))
         for f in r["flags"]:
             flagged[f] += 1
         n_flagged += bool(r["flags"])
         if r["flags"] and n_flagged <= _MAX_LOGGED_FLAGS:
             log.warning("caption: %s flagged %s (%s tokens): %.80r", r["id"], ",".join(r["flags"]),
-                        raw["tokens"], r["text"])
+                        raw["tokens"] if raw else "?", r["text"])
     if n_flagged > _MAX_LOGGED_FLAGS:
         log.warning("caption: %d more flagged captions (see the flags column of caption.parquet)",
                     n_flagged - _MAX_LOGGED_FLAGS)

@@ -70,7 +70,15 @@ def test_tiny_gemma_end_to_end_caches_and_applies_the_trigger_late(bucketed, tin
     first = pq.read_table(M / "caption.parquet")
 
     caplog.set_level(logging.INFO, logger="niche.caption")
-    again = caption(p, workers=2)
+    from tasks.core.store import Store
+
+    def not_read(*a, **k):
+        raise AssertionError("a raw caption was read back although the last table, made with the same "
+                             "trigger and threshold, holds its key")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Store, "read_bytes", not_read)
+        again = caption(p, workers=2)
     assert again.computed == 0 and again.reused == 4
     assert "loading Gemma 3" not in caplog.text  # nothing missing: the model is not loaded
     assert pq.read_table(M / "caption.parquet").equals(first)

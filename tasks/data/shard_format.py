@@ -128,11 +128,13 @@ def member_sizes(s: Sample, patch_pool: int, patch_dtype: str) -> dict[str, int]
 def tensor_shapes(item: ItemRef) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header, without reading the arrays; refuses a truncated item."""
     store = item.store()
-    head = store.head(item.key, 8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    head = store.head(item.key, 4096)  # a T5/DINOv3/pose header fits: one read, not two
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if not 2 <= n <= 1 << 24:
         raise ValueError("not a safetensors file")
-    header = json.loads(store.head(item.key, 8 + n)[8:])
+    if len(head) < 8 + n:
+        head = store.head(item.key, 8 + n)
+    header = json.loads(head[8:8 + n])
     header.pop("__metadata__", None)
     if store.size(item.key) < 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0):
         raise ValueError("truncated")
