@@ -167,12 +167,32 @@ def open_regular(path: str | os.PathLike):
 
 # --- DVC ------------------------------------------------------------------------------------
 
+def _plain_files(folder: str) -> set[str] | None:
+    """Names the listing itself says are regular files, not links (d_type: no stat each), or None."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it if e.is_file(follow_symlinks=False)}
+    except OSError:
+        return None
+
+
+def _usable(folder: str, name: str, plain: set[str]) -> bool:
+    """classify(...) == FILE, at one access(2) for the common case (70,000 images: 140,000 files
+    DVC walks whenever data/raw changed): a plain regular file needs only a UTF-8 name and read
+    permission; anything else goes through the whole rule."""
+    path = os.path.join(folder, name)
+    if name in plain:
+        return utf8(name) and os.access(path, os.R_OK)
+    return classify(path)[0] == FILE
+
+
 def _wrap_walk(orig):
     def walk(self, path, maxdepth=None, topdown=True, detail=False, **kwargs):
         for root, dirs, files in orig(self, path, maxdepth=maxdepth, topdown=topdown, detail=False, **kwargs):
             # In place: os.walk prunes by the very list it yielded.
             dirs[:] = [d for d in dirs if utf8(d)]
-            files[:] = [f for f in files if classify(os.path.join(root, f))[0] == FILE]
+            files[:] = [f for f in files if _usable(root, f, plain)] if (plain := _plain_files(root)) is not None \
+                else [f for f in files if classify(os.path.join(root, f))[0] == FILE]
             if not detail:
                 yield root, dirs, files
                 continue
