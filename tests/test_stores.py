@@ -69,3 +69,17 @@ def test_pack_moves_an_old_stores_loose_items_and_stat_counts_them(tmp_path):
     out = _stores(tmp_path, "stat")
     assert "loose files       0" in out and "packs     1" in out
     assert Store(tmp_path / "data/derived/caption", ".json").keys() == {_key(n) for n in range(5)}
+
+
+def test_an_unreadable_pack_is_named_and_left_alone(tmp_path):
+    store = Store(tmp_path / "data/derived/embed_pose", ".safetensors")
+    store.write_bytes(_key(1), b"x" * 50)
+    pack = store.seal()
+    store.write_bytes(_key(2), b"y" * 50)
+    store.seal()
+    pack.chmod(0o644)
+    pack.write_bytes(pack.read_bytes()[:-3])  # its footer cut short
+    _table(tmp_path, "embed_pose", [])
+    out = _stores(tmp_path, "gc", "--apply")
+    assert f"unreadable packs left alone: {pack.name}" in out and "embed_pose: removed 1 items" in out
+    assert pack.exists() and Store(tmp_path / "data/derived/embed_pose", ".safetensors").keys() == set()

@@ -57,9 +57,17 @@ def _loose(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _pack_index(root: Path) -> dict[str, dict[str, packs.Entry]]:
-    folder = root / PACKS_DIR
-    return {p.name: packs.read_index(p) for p in sorted(folder.glob(f"*{packs.SUFFIX}"))} if folder.is_dir() else {}
+def _pack_index(root: Path, damaged: list[str] | None = None) -> dict[str, dict[str, packs.Entry]]:
+    """{pack: its index}; a pack whose footer cannot be read is left out (and named in `damaged`):
+    it is never rewritten nor removed here, a person looks at it."""
+    folder, out = root / PACKS_DIR, {}
+    for p in sorted(folder.glob(f"*{packs.SUFFIX}")) if folder.is_dir() else []:
+        try:
+            out[p.name] = packs.read_index(p)
+        except (packs.PackError, ValueError, OSError):
+            if damaged is not None:
+                damaged.append(p.name)
+    return out
 
 
 def referenced(repo: Path, name: str) -> set[str] | None:
@@ -72,8 +80,8 @@ def referenced(repo: Path, name: str) -> set[str] | None:
 def survey(repo: Path) -> list[Found]:
     out = []
     for root in sorted(p for p in (repo / DERIVED).iterdir() if p.is_dir()) if (repo / DERIVED).is_dir() else []:
-        f = Found(root.name)
-        index, loose = _pack_index(root), _loose(root)
+        f, damaged = Found(root.name), []
+        index, loose = _pack_index(root, damaged), _loose(root)
         sizes: dict[str, int] = {}
         for entries in index.values():
             for key, (_, length, _) in entries.items():
@@ -89,6 +97,8 @@ def survey(repo: Path) -> list[Found]:
             f.referenced = len(keep & set(sizes))
             dead = set(sizes) - keep
             f.dead, f.dead_bytes = len(dead), sum(sizes[k] for k in dead)
+        if damaged:
+            f.note = (f.note + "; " if f.note else "") + f"unreadable packs left alone: {', '.join(damaged)}"
         if not (root / STORE_MARKER).is_file():
             f.note = (f.note + "; " if f.note else "") + f"no {STORE_MARKER}: not written by a Store"
         out.append(f)
