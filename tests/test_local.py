@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from flows import local
-from tests.conftest import SERVE_ENV, run
+from tests.conftest import SERVE_ENV, _free_port, run
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,27 @@ def test_the_runner_list_is_what_flows_serve_deploys(tmp_path):
     assert [s.schedule.cron for s in nightly.schedules] == ["15 1 * * *"]
 
 
-def test_the_background_runner_creates_the_deployments_and_the_nightly_schedule(prefect_server, tmp_path):
-    env = {**os.environ, **SERVE_ENV, "NICHE_NIGHTLY_CRON": "15 1 * * *"}
+def test_the_background_runner_creates_the_deployments_and_the_nightly_schedule(tmp_path, monkeypatch, capsys):
+    # A server of its own, started the way `make demo` starts one (and stopped by `stop`): the
+    # session's server holds the same deployment names for the flow tests, whose runners must not
+    # meet this one's.
+    port = _free_port()
+    prefect_server = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, **SERVE_ENV, "NICHE_NIGHTLY_CRON": "15 1 * * *", "PREFECT_API_URL": prefect_server,
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
     cmd = [sys.executable, "-m", "flows.local"]
+    monkeypatch.chdir(tmp_path)  # (flows.local keeps its pid files in ./.niche)
     try:
+        run([*cmd, "server", "--port", str(port)], tmp_path, env=env, timeout=240)
         up = run([*cmd, "serve"], tmp_path, env=env, timeout=240).stdout
         status = run([*cmd, "status"], tmp_path, env=env).stdout
         nightly = _deployment(prefect_server, local.NIGHTLY)
+        capsys.readouterr()
+        local._stop("serve", 30)  # what `stop` does first; the server stays up to be asked below
+        stopped = capsys.readouterr().out
+        paused = _deployment(prefect_server, local.NIGHTLY)["paused"]
     finally:
-        stopped = run([*cmd, "stop"], tmp_path, env=env, timeout=120).stdout
+        run([*cmd, "stop"], tmp_path, env=env, timeout=120)
     assert "deployment runner up" in up, up
     assert "deployment runner: up" in status, status
     for name in local.DEPLOYMENTS:
@@ -51,4 +63,4 @@ def test_the_background_runner_creates_the_deployments_and_the_nightly_schedule(
     # Stopped with SIGINT, as `make stop` does: Prefect's serve pauses its deployments.
     assert "serve stopped" in stopped and "killed" not in stopped, stopped
     assert not (tmp_path / ".niche" / "serve.pid").exists()
-    assert _deployment(prefect_server, local.NIGHTLY)["paused"] is True
+    assert paused is True
