@@ -175,9 +175,14 @@ def _stop(name: str, grace: float) -> None:
     print(f"{name} stopped")
 
 
+# How long the runner may take to pause its deployments through the server after SIGINT: on a
+# loaded machine (CI's two busy cores) 30 s was seen to be too short.
+SERVE_GRACE_S = 90
+
+
 def stop() -> None:
     # The runner first: it marks its deployments paused through the server.
-    _stop("serve", 30)
+    _stop("serve", SERVE_GRACE_S)
     _stop("server", 30)
 
 
